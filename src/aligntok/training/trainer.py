@@ -1,0 +1,763 @@
+"""The one training loop every model in aligntok goes through.
+
+The engine knows nothing of losses. A :class:`Task` names the modules to checkpoint, the parameter
+groups that get one AdamW each, the modules that keep an EMA, and returns per-optimizer losses for a
+micro-batch. The :class:`Trainer` does the rest: gradient accumulation, gradient sync across ranks
+(a coalesced all-reduce, or FSDP2 with ``train.fsdp``), non-finite detection agreed by every rank,
+clipping, warm-up + decay schedules, EMA, bf16 autocast, logging, and atomic checkpoints with exact
+resume (weights, EMA, optimizers, schedulers, step, RNG states and data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from aligntok.config import ConfigError, OptimConfig, TrainConfig, save_config
+from aligntok.errors import TrainingAborted  # the CLI prints it as one line
+from aligntok.training import checkpoint as ckpt
+from aligntok.training import distributed
+from aligntok.training.distributed import DistInfo
+from aligntok.training.ema import ModuleEMA, swapped_in
+from aligntok.training.logging import LOG_FILE, RunLogger, require_backends, truncate_log
+
+LossOutput = Mapping[str, tuple[Tensor, Mapping[str, "Tensor | float"]]]
+LoaderFactory = Callable[[int], Iterator[dict]]
+
+__all__ = ["SKIPPED_KEY", "FitResult", "Task", "Trainer", "TrainingAborted", "lr_factor", "split_batch"]
+
+log = logging.getLogger(__name__)
+
+SKIPPED_KEY = "skipped"  #: batch key where the data layer lists input files it had to skip
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # module / optimizer names become file names
+
+
+class Task(Protocol):
+    """What a model contributes to training; the engine owns everything else.
+
+    Optionally a task may define ``train_mode()``, which the engine calls before training instead of
+    ``module.train()`` on every module (so that frozen parts can stay in eval mode). Under FSDP, call
+    modules through ``forward`` (FSDP2 gathers a module's parameters in its forward hooks).
+    """
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module whose state is checkpointed (frozen teachers and LPIPS nets are not listed)."""
+        ...
+
+    def optimizers(self) -> dict[str, list[nn.Parameter]]:
+        """One AdamW per entry, e.g. ``{"generator": [...], "discriminator": [...]}``; trainable only."""
+        ...
+
+    def ema_modules(self) -> list[str]:
+        """Names in :meth:`modules` that keep an EMA when ``train.ema_decay > 0``."""
+        ...
+
+    def losses(self, batch: dict, step: int) -> LossOutput:
+        """Per optimizer name: (scalar loss, logged parts). An absent name does not step this time.
+
+        Called once per micro-batch. Which names are present must depend only on ``step``.
+        """
+        ...
+
+
+@dataclasses.dataclass
+class FitResult:
+    """How :meth:`Trainer.fit` ended."""
+
+    step: int  #: completed optimizer steps
+    resumed_from: int | None  #: step of the checkpoint this call resumed from, None for a fresh start
+    nonfinite_steps: int  #: steps skipped for a non-finite loss or gradient, over the whole run
+    skipped_images: int  #: input files the data layer reported as skipped, over the whole run
+    checkpoint: Path | None  #: the newest complete checkpoint
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr for the ``step``-th optimizer step (0-based).
+
+    Linear warm-up reaching the peak at the end of ``warmup_steps``, then constant, cosine or linear
+    decay to ``min_lr_ratio`` at ``total_steps``.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # linear
+        decay = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def split_batch(batch: dict, parts: int, expected_size: int | None = None) -> list[dict]:
+    """Cut every tensor / list in ``batch`` into ``parts`` equal slices along dim 0.
+
+    Other values (strings, numbers, 0-d tensors) are passed to every slice unchanged.
+    """
+    sizes: dict[str, int] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            sizes[key] = value.shape[0]
+        elif isinstance(value, (list, tuple)):
+            sizes[key] = len(value)
+    if not sizes:
+        raise ValueError(f"batch has no tensor or list to split (keys: {sorted(batch)})")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch entries disagree on the batch size: {sizes}")
+    size = next(iter(sizes.values()))
+    if expected_size is not None and size != expected_size:
+        raise ValueError(
+            f"batch holds {size} samples but {expected_size} were expected (train.batch_size / world size)"
+        )
+    if size % parts:
+        raise ValueError(f"batch of {size} samples cannot be split into {parts} equal micro-batches")
+    chunk = size // parts
+    return [
+        {key: value[i * chunk : (i + 1) * chunk] if key in sizes else value for key, value in batch.items()}
+        for i in range(parts)
+    ]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Full (gathered) state dicts; identical to plain state dicts unless modules are FSDP-sharded.
+# ----------------------------------------------------------------------------------------------
+
+
+def _full_cpu(value: Any) -> Any:
+    """A state value with every DTensor gathered (a collective) and tensors moved to the CPU."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _full_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_full_cpu(v) for v in value]
+    return value
+
+
+def _like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` (a full tensor) placed like ``reference`` (sharded as it is when it is a DTensor)."""
+    if isinstance(reference, DTensor) and value.shape == reference.shape:
+        return distribute_tensor(
+            value.to(reference.device_mesh.device_type), reference.device_mesh, reference.placements
+        )
+    return value
+
+
+def _load_module(module: nn.Module, state: dict[str, Tensor]) -> None:
+    current = module.state_dict()
+    module.load_state_dict({k: _like(v, current[k]) if k in current else v for k, v in state.items()})
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {
+        index: {
+            k: _like(v, params[index]) if isinstance(v, Tensor) and v.dim() else v for k, v in values.items()
+        }
+        for index, values in state["state"].items()
+    }
+    optimizer.load_state_dict({**state, "state": sharded})
+
+
+def _adamw(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+def _fsdp_shard(module: nn.Module) -> None:
+    """FSDP2 on the blocks of every outermost ModuleList (transformer blocks), then on the module."""
+    from torch.distributed.fsdp import fully_shard
+
+    taken: list[str] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and not any(name.startswith(t + ".") for t in taken):
+            taken.append(name)
+            for block in child:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(module)
+
+
+@dataclasses.dataclass
+class _StepOutcome:
+    skipped_reason: str | None
+    losses: dict[str, float]
+    grad_norms: dict[str, float]
+
+
+class _Interval:
+    """Sums of logged values between two log records."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.seconds = 0.0
+        self.skipped_images: list[str] = []
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+class Trainer:
+    """Trains a :class:`Task` to ``train.steps`` optimizer steps, resuming from ``out_dir`` if possible."""
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        train: TrainConfig,
+        optim: Mapping[str, OptimConfig],
+        loader_factory: LoaderFactory,
+        out_dir: str | Path,
+        run_config: Any = None,
+        dist: DistInfo | None = None,
+    ) -> None:
+        self.task = task
+        self.train = train
+        self.optim_configs = dict(optim)
+        self.loader_factory = loader_factory
+        self.out_dir = Path(out_dir)
+        if run_config is not None and not (
+            dataclasses.is_dataclass(run_config) and not isinstance(run_config, type)
+        ):
+            raise ValueError(
+                f"run_config must be a dataclass config instance, got {type(run_config).__name__}"
+            )
+        self.run_config = run_config
+        self.dist = dist if dist is not None else distributed.init_distributed()
+        self.device = self.dist.device
+        self._check_config()
+        require_backends(train.tensorboard, train.wandb)
+
+        self.modules = self._checked_modules(task.modules())
+        ema_names = list(task.ema_modules()) if train.ema_decay > 0 else []
+        unknown = [n for n in ema_names if n not in self.modules]
+        if unknown:
+            raise ValueError(f"task.ema_modules() names {unknown}, which task.modules() does not list")
+        for module in self.modules.values():
+            module.to(self.device)
+            distributed.broadcast_module_state(module)  # replicas (and FSDP shards) start from rank 0
+        # EMA copies are taken before sharding and then sharded the same way as their module.
+        self.emas = {name: ModuleEMA(self.modules[name], train.ema_decay) for name in ema_names}
+        self.fsdp = train.fsdp and self.dist.world_size > 1
+        if self.fsdp:
+            for name, module in self.modules.items():
+                if any(p.requires_grad for p in module.parameters()):
+                    _fsdp_shard(module)
+                    if name in self.emas:
+                        _fsdp_shard(self.emas[name].module)
+
+        # Parameters are read after sharding: FSDP2 replaces them with DTensor parameters.
+        self.params = self._checked_param_groups(task.optimizers())
+        # Under FSDP, per optimizer: the trainable parameters whose gradients its loss must not touch.
+        trainable = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self._trainable_outside: dict[str, list[nn.Parameter]] = {}
+        for name, params in self.params.items() if self.fsdp else ():
+            mine = {id(p) for p in params}
+            self._trainable_outside[name] = [p for p in trainable if id(p) not in mine]
+        self.optimizers = {
+            name: _adamw(params, self.optim_configs[name]) for name, params in self.params.items()
+        }
+        self.schedulers = {
+            name: LambdaLR(opt, self._schedule(self.optim_configs[name]))
+            for name, opt in self.optimizers.items()
+        }
+        if train.precision == "bf16" or (train.precision == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype: torch.dtype | None = torch.bfloat16
+        else:
+            self.autocast_dtype = None
+
+        #: lr of each optimizer's most recent step (logged; the scheduler already holds the next one)
+        self.lr_used = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_images_total = 0
+        self._logger: RunLogger | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Construction checks
+    # ------------------------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        world, accum = self.dist.world_size, self.train.grad_accum
+        if self.train.batch_size % (world * accum):
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} is not divisible by "
+                f"world_size * grad_accum = {world} * {accum}"
+            )
+        if self.train.max_nonfinite < 1:
+            raise ConfigError(f"train.max_nonfinite={self.train.max_nonfinite} must be >= 1")
+
+    def _checked_modules(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError("task.modules() must return a non-empty dict of name -> nn.Module")
+        for name, module in modules.items():
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"task.modules()['{name}'] is a {type(module).__name__}, not an nn.Module")
+            if not _NAME.match(name):
+                raise ValueError(f"module name {name!r} must use only letters, digits, '_', '-' and '.'")
+        return dict(modules)
+
+    def _checked_param_groups(self, groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
+        names, configured = set(groups), set(self.optim_configs)
+        if names != configured:
+            raise ConfigError(
+                f"task optimizers {sorted(names)} do not match the optimizer configs {sorted(configured)}"
+            )
+        owned = {id(p) for m in self.modules.values() for p in m.parameters()}
+        seen: dict[int, str] = {}
+        checked = {}
+        for name, params in groups.items():
+            if not _NAME.match(name):
+                raise ValueError(f"optimizer name {name!r} must use only letters, digits, '_', '-' and '.'")
+            params = list(params)
+            if not params:
+                raise ValueError(f"optimizer '{name}' has no parameters")
+            for param in params:
+                if not param.requires_grad:
+                    raise ValueError(f"optimizer '{name}' holds a parameter with requires_grad=False")
+                if id(param) not in owned:
+                    raise ValueError(
+                        f"optimizer '{name}' holds a parameter of no module in task.modules() "
+                        "(it would not be checkpointed)"
+                    )
+                if id(param) in seen:
+                    raise ValueError(f"a parameter is in both optimizer '{seen[id(param)]}' and '{name}'")
+                seen[id(param)] = name
+            checked[name] = params
+        return checked
+
+    def _schedule(self, cfg: OptimConfig) -> Callable[[int], float]:
+        total = self.train.steps
+        return lambda step: lr_factor(step, cfg, total)
+
+    # ------------------------------------------------------------------------------------------
+    # EMA access (for export)
+    # ------------------------------------------------------------------------------------------
+
+    def model_state_dict(self, name: str) -> dict[str, Tensor]:
+        """Full weights of module ``name`` on the CPU (gathered, so collective, under FSDP)."""
+        return _full_cpu(self.modules[name].state_dict())
+
+    def ema_state_dict(self, name: str) -> dict[str, Tensor]:
+        """Full fp32 EMA weights of module ``name`` on the CPU (gathered, so collective, under FSDP)."""
+        if name not in self.emas:
+            raise KeyError(f"module '{name}' keeps no EMA (ema_decay={self.train.ema_decay})")
+        return _full_cpu(self.emas[name].module.state_dict())
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the block every module with an EMA holds its EMA weights (a no-op without EMA).
+
+        Under FSDP the modules stay sharded; export with :meth:`ema_state_dict` there instead.
+        """
+        with contextlib.ExitStack() as stack:
+            for name, ema in self.emas.items():
+                stack.enter_context(swapped_in(self.modules[name], ema))
+            yield
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data_position": self.step,  # loader_factory(step) resumes the data stream here
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_images": self.skipped_images_total,
+            "ema_updates": {name: ema.num_updates for name, ema in self.emas.items()},
+            "world_size": self.dist.world_size,
+            "batch_size": self.train.batch_size,
+            "optimizers": sorted(self.optimizers),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current state. Collective: every rank calls it."""
+        # Gathering is collective under FSDP, so every rank builds the payload; rank 0 writes it.
+        payload = ckpt.CheckpointPayload(
+            models={name: self.model_state_dict(name) for name in self.modules},
+            emas={name: self.ema_state_dict(name) for name in self.emas},
+            optimizers={name: _full_cpu(opt.state_dict()) for name, opt in self.optimizers.items()},
+            schedulers={name: sched.state_dict() for name, sched in self.schedulers.items()},
+            trainer_state=self._trainer_state(),
+            config_yaml=self._config_yaml(),
+        )
+        return ckpt.write_checkpoint(
+            self.out_dir,
+            self.step,
+            payload if self.dist.is_main else None,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+            keep_last=self.train.keep_last,
+        )
+
+    def _config_yaml(self) -> str | None:
+        if self.run_config is None:
+            return None
+        import yaml
+
+        from aligntok.config import config_to_dict
+
+        return yaml.safe_dump(config_to_dict(self.run_config), sort_keys=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore every piece of training state from checkpoint directory ``path``."""
+        state = ckpt.read_trainer_state(path)
+        for name, module in self.modules.items():
+            file = ckpt.require_file(path / f"model_{name}.safetensors", f"weights of module '{name}'")
+            _load_module(module, ckpt.load_tensors(file))
+        for name, ema in self.emas.items():
+            file = ckpt.require_file(path / f"ema_{name}.safetensors", f"EMA of module '{name}'")
+            _load_module(ema.module, ckpt.load_tensors(file))
+            ema.num_updates = int(state["ema_updates"].get(name, 0))
+        for name, optimizer in self.optimizers.items():
+            file = ckpt.require_file(path / f"optimizer_{name}.pt", f"state of optimizer '{name}'")
+            _load_optimizer(optimizer, ckpt.load_state(file))
+        for name, scheduler in self.schedulers.items():
+            file = ckpt.require_file(path / f"scheduler_{name}.pt", f"schedule of optimizer '{name}'")
+            scheduler.load_state_dict(ckpt.load_state(file))
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.skipped_images_total = int(state["skipped_images"])
+        rng = ckpt.read_rng_state(path, self.dist.rank)
+        if rng is None:  # resumed on more ranks than wrote the checkpoint
+            ckpt.seed_everything(self.train.seed + self.dist.rank + 1_000_003 * self.step)
+        else:
+            ckpt.restore_rng_state(rng, self.device)
+
+    def _restore(self) -> int | None:
+        """Resume from the newest complete checkpoint (returning its step), else seed a fresh run."""
+        if self.dist.is_main:
+            for stale in ckpt.remove_stale_temp_dirs(self.out_dir):
+                log.warning("removed an interrupted checkpoint write: %s", stale)
+        distributed.barrier()
+        latest = ckpt.latest_checkpoint(self.out_dir) if self.dist.is_main else None
+        latest = distributed.broadcast_object(str(latest) if latest else None)
+        if latest is None:
+            ckpt.seed_everything(self.train.seed + self.dist.rank)
+            return None
+        self.load_checkpoint(Path(latest))
+        return self.step
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        """Train to ``train.steps``, resuming from ``out_dir``'s newest complete checkpoint if any."""
+        resumed_from = self._restore()
+        main = self.dist.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_config is not None:
+                save_config(self.run_config, self.out_dir / ckpt.CONFIG_FILE)
+            truncate_log(self.out_dir / LOG_FILE, self.step)
+        self._logger = RunLogger(
+            self.out_dir,
+            enabled=main,
+            total_steps=self.train.steps,
+            start_step=self.step,
+            tensorboard=self.train.tensorboard,
+            wandb=self.train.wandb,
+            run_config=self.run_config,
+        )
+        if resumed_from is not None:
+            self._logger.warn(f"resumed from step {resumed_from} in {self.out_dir}")
+        train_mode = getattr(self.task, "train_mode", None)
+        if callable(train_mode):
+            train_mode()
+        else:
+            for module in self.modules.values():
+                module.train()
+        try:
+            self._loop()
+        finally:
+            self._logger.close()
+        latest = ckpt.latest_checkpoint(self.out_dir) if main else None
+        return FitResult(self.step, resumed_from, self.nonfinite_total, self.skipped_images_total, latest)
+
+    def _batches(self) -> Generator[dict, None, None]:
+        """The data stream from the current step; a finished iterator is reopened at the step it reached."""
+        step = self.step
+        while True:
+            produced = False
+            for batch in self.loader_factory(step):
+                produced = True
+                step += 1
+                yield batch
+            if not produced:
+                raise ValueError(f"the data loader yielded no batch at step {step}")
+
+    def _loop(self) -> None:
+        if self.step >= self.train.steps:
+            return
+        batches = self._batches()
+        try:
+            self._run_steps(batches)
+        finally:
+            batches.close()  # releases the loader (and its worker processes) now, not at garbage collection
+
+    def _run_steps(self, batches: Iterator[dict]) -> None:
+        assert self._logger is not None
+        train = self.train
+        per_rank_batch = train.batch_size // self.dist.world_size
+        interval = _Interval()
+        while self.step < train.steps:
+            started = time.perf_counter()
+            batch = next(batches)
+            if not isinstance(batch, dict):
+                raise ValueError(f"the data loader must yield dicts, got {type(batch).__name__}")
+            skipped = list(batch.pop(SKIPPED_KEY, None) or [])
+            micro_batches = split_batch(_to_device(batch, self.device), train.grad_accum, per_rank_batch)
+            outcome = self._train_step(micro_batches, self.step)
+            self.step += 1
+            interval.seconds += time.perf_counter() - started
+            interval.steps += 1
+            interval.skipped_images.extend(str(name) for name in skipped)
+            if outcome.skipped_reason is None:
+                self.nonfinite_in_a_row = 0
+                interval.add(outcome.losses)
+                interval.add({f"grad_norm/{k}": v for k, v in outcome.grad_norms.items()})
+                self._logger.progress(
+                    self.step, {k: v for k, v in outcome.losses.items() if k.endswith("/loss")}
+                )
+            else:
+                self.nonfinite_total += 1
+                self.nonfinite_in_a_row += 1
+                self._logger.progress(self.step, {})
+                self._logger.warn(
+                    f"step {self.step}: {outcome.skipped_reason}, step skipped "
+                    f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in total)"
+                )
+            aborting = self.nonfinite_in_a_row >= train.max_nonfinite
+            if aborting or self.step % train.log_every == 0 or self.step == train.steps:
+                self._write_log(interval)
+                interval = _Interval()
+            if aborting:
+                last = ckpt.latest_checkpoint(self.out_dir) if self.dist.is_main else None
+                raise TrainingAborted(
+                    f"training stopped at step {self.step}: {train.max_nonfinite} consecutive non-finite "
+                    f"steps (train.max_nonfinite); last good checkpoint: {last or 'none'}"
+                )
+            if self.step % train.ckpt_every == 0 or self.step == train.steps:
+                self.save_checkpoint()
+
+    def _write_log(self, interval: _Interval) -> None:
+        """Average the interval over steps and ranks, and hand one record to the logger (rank 0)."""
+        assert self._logger is not None
+        gathered = distributed.gather_objects((interval.sums, interval.counts, interval.skipped_images))
+        if gathered is None:  # not rank 0
+            return
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        skipped_images: list[str] = []
+        for rank_sums, rank_counts, rank_skipped in gathered:
+            for key, value in rank_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + rank_counts[key]
+            skipped_images.extend(rank_skipped)
+        self.skipped_images_total += len(skipped_images)
+        self._logger.add_skipped_images(skipped_images)
+        step_time = interval.seconds / max(1, interval.steps)
+        record: dict[str, Any] = {"step": self.step}
+        record.update({key: sums[key] / counts[key] for key in sorted(sums)})
+        record.update({f"lr/{name}": lr for name, lr in self.lr_used.items()})
+        record.update(
+            nonfinite_steps=self.nonfinite_total,
+            skipped_images=self.skipped_images_total,
+            step_time=step_time,
+            samples_per_s=self.train.batch_size / step_time if step_time > 0 else 0.0,
+        )
+        self._logger.log(record)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _train_step(self, micro_batches: list[dict], step: int) -> _StepOutcome:
+        """One optimizer step: accumulate, agree across ranks, sync, check, clip, step, schedule, EMA."""
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        present, logged = self._accumulate(micro_batches, step)
+        loss_is_finite, has_grad_anywhere = self._agree(present, logged, step)
+        values = _to_floats(logged)
+        if not loss_is_finite:
+            bad = sorted(n for n in present if not math.isfinite(values[f"{n}/loss"]))
+            return _StepOutcome(
+                f"non-finite loss ({', '.join(bad) if bad else 'on another rank'})", values, {}
+            )
+        if not self.fsdp:
+            for name in present:
+                distributed.all_reduce_gradients(self.params[name], has_grad_anywhere[name])
+        # After the sync every rank holds the same gradients, so the norms' finiteness agrees too.
+        norms = {name: self._grad_norm(name) for name in present}
+        norm_values = _to_floats({name: _local(norm) for name, norm in norms.items()})
+        bad = sorted(name for name, v in norm_values.items() if not math.isfinite(v))
+        if bad:
+            return _StepOutcome(f"non-finite gradient ({', '.join(bad)})", values, norm_values)
+        for name in present:
+            clip = self.optim_configs[name].grad_clip
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params[name], clip, norms[name])
+            self.lr_used[name] = self.optimizers[name].param_groups[0]["lr"]
+            self.optimizers[name].step()
+            self.schedulers[name].step()
+        for name, ema in self.emas.items():
+            ema.update_parameters(self.modules[name])
+        return _StepOutcome(None, values, norm_values)
+
+    def _accumulate(self, micro_batches: list[dict], step: int) -> tuple[list[str], dict[str, Tensor]]:
+        """Forward and backward every micro-batch; returns the optimizers that have a loss and the
+        logged values (``{opt}/loss`` and ``{opt}/{part}``, averaged over micro-batches, on device)."""
+        accum = len(micro_batches)
+        present: list[str] | None = None
+        logged: dict[str, Tensor] = {}
+        for micro in micro_batches:
+            with self._autocast():
+                losses = self.task.losses(micro, step)
+            present = self._check_losses(losses, step, present)
+            for position, name in enumerate(present):
+                loss, parts = losses[name]
+                if "loss" in parts:
+                    raise ValueError(
+                        f"task.losses()['{name}'] logs a part named 'loss', which names the total"
+                    )
+                self._backward(name, loss / accum, retain_graph=position < len(present) - 1)
+                contributions = {f"{name}/loss": loss.detach().float()}
+                contributions.update(
+                    {f"{name}/{k}": _scalar(v, f"{name}/{k}", self.device) for k, v in parts.items()}
+                )
+                for key, value in contributions.items():
+                    logged[key] = logged[key] + value / accum if key in logged else value / accum
+        assert present is not None
+        return present, logged
+
+    def _agree(
+        self, present: list[str], logged: dict[str, Tensor], step: int
+    ) -> tuple[bool, dict[str, list[bool]]]:
+        """One small all-reduce so every rank agrees on: whether some rank saw a non-finite loss, which
+        optimizers step, and which parameters have a gradient on some rank (elsewhere they join as 0)."""
+        losses = [logged[f"{name}/loss"] for name in present]
+        finite = torch.stack(losses).isfinite().all() if losses else torch.tensor(True, device=self.device)
+        flags = [(~finite).float().reshape(1).to(self.device)]
+        flags.append(torch.tensor([float(n in present) for n in self.optimizers], device=self.device))
+        if not self.fsdp:  # FSDP's reduce-scatter handles missing gradients itself
+            has_grad = [float(p.grad is not None) for n in self.optimizers for p in self.params[n]]
+            flags.append(torch.tensor(has_grad, device=self.device))
+        agreed = distributed.all_reduce_sum(torch.cat(flags)).cpu()
+        presence = agreed[1 : 1 + len(self.optimizers)]
+        if not bool(((presence == 0) | (presence == self.dist.world_size)).all()):
+            raise RuntimeError(
+                f"task.losses() returned different optimizer names on different ranks at step {step}; "
+                "which names are present must depend only on the step"
+            )
+        has_grad_anywhere: dict[str, list[bool]] = {}
+        offset = 1 + len(self.optimizers)
+        for name in self.optimizers:
+            count = len(self.params[name])
+            has_grad_anywhere[name] = (agreed[offset : offset + count] > 0).tolist()
+            offset += count
+        return bool(agreed[0] == 0), has_grad_anywhere
+
+    def _backward(self, name: str, loss: Tensor, retain_graph: bool) -> None:
+        """Backpropagate optimizer ``name``'s loss into that optimizer's parameters only.
+
+        Replicated: ``inputs=`` restricts autograd to them, so e.g. a generator's adversarial loss
+        computes no discriminator gradient at all. FSDP2 cannot use ``inputs=``: the forward runs on
+        unsharded copies of the parameters that exist only during forward/backward. There the other
+        parameters' gradients are set aside, the backward runs in full (FSDP reduce-scatters it), and
+        whatever reached the other parameters is discarded.
+        """
+        if not self.fsdp:
+            torch.autograd.backward(loss, inputs=self.params[name], retain_graph=retain_graph)
+            return
+        others = self._trainable_outside[name]
+        saved = [p.grad for p in others]
+        for param in others:
+            param.grad = None
+        torch.autograd.backward(loss, retain_graph=retain_graph)
+        for param, grad in zip(others, saved, strict=True):
+            param.grad = grad
+
+    def _grad_norm(self, name: str) -> Tensor:
+        grads = [p.grad for p in self.params[name] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+
+    def _check_losses(self, losses: LossOutput, step: int, previous: list[str] | None) -> list[str]:
+        if not isinstance(losses, Mapping):
+            raise ValueError(
+                f"task.losses() must return a dict name -> (loss, parts), got {type(losses).__name__}"
+            )
+        names = list(losses)
+        unknown = [n for n in names if n not in self.optimizers]
+        if unknown:
+            raise ValueError(
+                f"task.losses() names unknown optimizers {unknown}; known: {sorted(self.optimizers)}"
+            )
+        if previous is not None and names != previous:
+            raise ValueError(
+                f"task.losses() returned {names} for one micro-batch of step {step}, {previous} for another"
+            )
+        for name in names:
+            entry = losses[name]
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise ValueError(f"task.losses()['{name}'] must be a (loss, parts) tuple")
+            loss = entry[0]
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"task.losses()['{name}'] loss must be a scalar tensor")
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"task.losses()['{name}'] does not require grad: no trained parameter produced it"
+                )
+        return names
+
+
+def _scalar(value: Tensor | float, key: str, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"logged part '{key}' must be a scalar, got shape {tuple(value.shape)}")
+        return value.detach().float().reshape(()).to(device)
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), device=device)
+    raise ValueError(f"logged part '{key}' must be a tensor or a number, got {type(value).__name__}")
+
+
+def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """Scalars to Python floats with a single device-to-host copy."""
+    if not values:
+        return {}
+    host = torch.stack([v.to(torch.float32) for v in values.values()]).cpu().tolist()
+    return dict(zip(values, host, strict=True))
+
+
+def _local(norm: Tensor) -> Tensor:
+    """A grad norm as a plain tensor (FSDP returns a DTensor whose full value needs a collective)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
