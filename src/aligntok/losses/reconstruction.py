@@ -1,0 +1,167 @@
+"""Reconstruction loss of every tokenizer stage: L1 + LPIPS + an adaptively weighted PatchGAN term.
+
+The generator side follows latent diffusion: ``nll = l1_weight * L1 + lpips_weight * LPIPS`` and, once
+``step >= gan_start``, ``+ w_adaptive * gan_weight * (-D(recon)).mean()`` where ``w_adaptive`` balances the
+two terms' gradient norms at the decoder's last layer. The discriminator side is the hinge loss. All loss
+maths runs in fp32 with autocast disabled, whatever precision the models ran in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import lpips
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
+
+from aligntok.config import ConfigError, check_choice
+from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+
+LPIPS_BACKBONE_WEIGHTS = {
+    "vgg": VGG16_Weights.IMAGENET1K_V1,
+    "alex": AlexNet_Weights.IMAGENET1K_V1,
+    "squeeze": SqueezeNet1_1_Weights.IMAGENET1K_V1,
+}
+ADAPTIVE_EPS = 1e-4  # keeps the adaptive weight finite when the GAN gradient vanishes (as in LDM)
+
+
+class LpipsWeightsMissingError(ValueError):
+    """LPIPS's ImageNet backbone weights are not cached and cannot be downloaded. One-line message."""
+
+
+@dataclasses.dataclass
+class ReconLossConfig:
+    """Weights and schedule of the reconstruction loss, and the discriminator it trains."""
+
+    l1_weight: float = 1.0  #: weight of the pixel L1 term
+    lpips_weight: float = 1.0  #: weight of the LPIPS term (paper: 1.0)
+    lpips_net: str = "vgg"  #: LPIPS backbone: vgg | alex | squeeze
+    lpips_pretrained_backbone: bool = True  #: False = random backbone features (offline tests only; not a real LPIPS)
+    gan_weight: float = 0.5  #: base weight of the generator's GAN term (VA-VAE / LDM: 0.5)
+    gan_start: int = 5000  #: step at which the GAN terms switch on (inferred from VA-VAE)
+    adaptive_weight: bool = True  #: scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer
+    adaptive_max: float = 1e4  #: upper clamp of the adaptive weight
+    discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)  #: PatchGAN settings
+
+    def validate(self) -> None:
+        self.discriminator.validate()
+        check_choice("lpips_net", self.lpips_net, tuple(LPIPS_BACKBONE_WEIGHTS))
+        if min(self.l1_weight, self.lpips_weight, self.gan_weight) < 0:
+            raise ConfigError("l1_weight, lpips_weight and gan_weight must be >= 0")
+        if self.gan_start < 0 or self.adaptive_max <= 0:
+            raise ConfigError("gan_start must be >= 0 and adaptive_max > 0")
+
+
+def lpips_backbone_file(net: str) -> Path:
+    """Where torchvision keeps (or would download) the ImageNet weights of LPIPS's ``net`` backbone."""
+    url = LPIPS_BACKBONE_WEIGHTS[net].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def build_lpips(net: str = "vgg", *, pretrained_backbone: bool = True) -> nn.Module:
+    """A frozen LPIPS module in eval mode (its calibrated linear heads ship with the lpips package)."""
+    check_choice("lpips_net", net, tuple(LPIPS_BACKBONE_WEIGHTS))
+    cached = lpips_backbone_file(net)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained=` argument
+            module = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    except OSError:  # torchvision's download failed: no network and nothing cached
+        if not pretrained_backbone or cached.is_file():
+            raise
+        raise LpipsWeightsMissingError(
+            f"LPIPS needs torchvision's ImageNet {net} weights {cached.name}, absent from {cached.parent} and not "
+            f"downloadable: copy that file there from a machine with internet (the folder follows "
+            f"TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}), or set lpips_pretrained_backbone=false"
+        ) from None
+    return module.eval().requires_grad_(False)
+
+
+def adaptive_gan_weight(
+    nll: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """``||d nll / d last|| / (||d gan / d last|| + 1e-4)``, clamped to [0, max_weight] and detached.
+
+    Returns 0 when no gradient can be taken (grad mode off or a frozen last layer, e.g. in evaluation).
+    """
+    if not (torch.is_grad_enabled() and last_layer.requires_grad and nll.requires_grad and gan_loss.requires_grad):
+        return torch.zeros((), device=nll.device)
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.float().norm() / (gan_grad.float().norm() + ADAPTIVE_EPS)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))`` (LDM's scaling)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+class ReconstructionLoss(nn.Module):
+    """Owns the frozen LPIPS network and the discriminator; computes both sides of the GAN game.
+
+    Checkpoint ``loss.discriminator`` (its weights and its optimizer), not this whole module: the LPIPS
+    weights are frozen and rebuilt from the lpips/torchvision files at construction.
+    """
+
+    def __init__(self, cfg: ReconLossConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ReconLossConfig()
+        cfg.validate()
+        self.config = cfg
+        self.lpips = build_lpips(cfg.lpips_net, pretrained_backbone=cfg.lpips_pretrained_backbone)
+        self.discriminator = PatchDiscriminator(cfg.discriminator)
+
+    def train(self, mode: bool = True) -> ReconstructionLoss:
+        super().train(mode)
+        self.lpips.eval()  # LPIPS has dropout in its heads; it is a fixed metric, never trained
+        return self
+
+    def gan_active(self, step: int) -> bool:
+        return self.config.gan_weight > 0 and step >= self.config.gan_start
+
+    def generator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int, last_layer: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for the tokenizer. Leaves no gradient on the discriminator's parameters."""
+        if x.shape != recon.shape:
+            raise ValueError(f"images {tuple(x.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+        cfg = self.config
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, recon = x.float(), recon.float()
+            l1 = (recon - x).abs().mean()
+            perceptual = self.lpips(recon, x).mean() if cfg.lpips_weight > 0 else l1.new_zeros(())
+            nll = cfg.l1_weight * l1 + cfg.lpips_weight * perceptual
+            gan_g, weight = l1.new_zeros(()), l1.new_zeros(())
+            if self.gan_active(step):
+                # The discriminator's parameters enter as constants: only the tokenizer learns from this term.
+                frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+                gan_g = -functional_call(self.discriminator, frozen, (recon,)).mean()
+                weight = (
+                    adaptive_gan_weight(nll, gan_g, last_layer, cfg.adaptive_max)
+                    if cfg.adaptive_weight
+                    else l1.new_ones(())
+                )
+            total = nll + weight * cfg.gan_weight * gan_g
+        logs = {"l1": l1, "lpips": perceptual, "nll": nll, "gan_g": gan_g, "adaptive_w": weight, "rec_total": total}
+        return total, {k: v.detach() for k, v in logs.items()}
+
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Hinge loss for the discriminator on real ``x`` and detached ``recon``; None before ``gan_start``."""
+        if not self.gan_active(step):
+            return None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits_real = self.discriminator(x.detach().float())
+            logits_fake = self.discriminator(recon.detach().float())
+            total = hinge_discriminator_loss(logits_real, logits_fake)
+        logs = {"d_loss": total, "d_real": logits_real.mean(), "d_fake": logits_fake.mean()}
+        return total, {k: v.detach() for k, v in logs.items()}

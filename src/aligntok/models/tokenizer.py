@@ -1,0 +1,320 @@
+"""The AlignTok tokenizer: foundation encoder -> adapter -> latent -> CNN decoder.
+
+``AlignTokTokenizer`` is what every stage trains and what users load::
+
+    tok = AlignTokTokenizer.from_pretrained("path/or/hub-id")
+    z = tok.encode(x)          # x (B, 3, H, W) in [-1, 1]  ->  z (B, C, H/16, W/16)
+    x_hat = tok.decode(z)
+
+A saved tokenizer is a directory with config.json (this tokenizer's config and the encoder's
+transformers config, so loading needs no network), model.safetensors (every weight, the fine-tuned
+encoder included) and a README.md model card. Latent normalisation statistics live in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from aligntok.config import ConfigError, check_choice, config_from_dict, config_to_dict
+from aligntok.io import write_directory_atomically
+from aligntok.models.adapter import Adapter
+from aligntok.models.decoder import DecoderConfig, LatentDecoder
+from aligntok.models.encoders import (
+    ENCODER_KIND_CHOICES,
+    FoundationEncoder,
+    RandomEncoderConfig,
+    build_encoder_from_config,
+    build_random_encoder,
+    load_encoder,
+    looks_like_local_path,
+)
+
+RANDOM_ENCODER = "random"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+FORMAT_NAME = "aligntok-tokenizer"
+MAX_ABS_INPUT = 1.5  # inputs beyond this are surely not scaled to [-1, 1]
+
+
+class TokenizerNotFoundError(ValueError):
+    """A saved tokenizer is neither local nor downloadable. The message is one line."""
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    """Architecture of an AlignTok tokenizer (paper default: DINOv2-L/14, f16d32)."""
+
+    encoder: str = "facebook/dinov2-large"  #: hub id or local directory of a transformers encoder, or 'random'
+    encoder_kind: str = (
+        "auto"  #: auto (from the checkpoint's model_type) | dinov2 | dinov2-with-registers | mae | siglip2
+    )
+    random_encoder: RandomEncoderConfig = dataclasses.field(
+        default_factory=RandomEncoderConfig
+    )  #: used when encoder='random'
+    latent_channels: int = 32  #: latent channels: 32 (f16d32, the paper's default) or 64 (f16d64)
+    adapter_hidden: int = 1024  #: hidden width of the two-layer adapter MLP (inferred; not given in the paper)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)  #: CNN decoder; sets the stride
+    latent_mean: list[float] | None = None  #: per-channel latent mean over the training set (set by cache-latents)
+    latent_std: list[float] | None = None  #: per-channel latent std over the training set (set by cache-latents)
+
+    def validate(self) -> None:
+        self.random_encoder.validate()
+        self.decoder.validate()
+        check_choice("encoder_kind", self.encoder_kind, ENCODER_KIND_CHOICES)
+        if not self.encoder.strip():
+            raise ConfigError("encoder must name a hub id, a local directory or 'random'")
+        if self.encoder == RANDOM_ENCODER and self.encoder_kind not in ("auto", "dinov2"):
+            raise ConfigError(f"encoder='random' is a DINOv2; encoder_kind={self.encoder_kind!r} does not fit")
+        if self.latent_channels <= 0 or self.adapter_hidden <= 0:
+            raise ConfigError("latent_channels and adapter_hidden must be positive")
+        if (self.latent_mean is None) != (self.latent_std is None):
+            raise ConfigError("latent_mean and latent_std must be set together")
+        if self.latent_mean is not None and self.latent_std is not None:
+            if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
+                raise ConfigError(
+                    f"latent_mean/latent_std have {len(self.latent_mean)}/{len(self.latent_std)} entries, "
+                    f"expected latent_channels={self.latent_channels}"
+                )
+            if not all(math.isfinite(s) and s > 0 for s in self.latent_std):
+                raise ConfigError("latent_std entries must be finite and positive")
+            if not all(math.isfinite(m) for m in self.latent_mean):
+                raise ConfigError("latent_mean entries must be finite")
+
+
+class AlignTokTokenizer(nn.Module):
+    """Foundation encoder + adapter + CNN decoder. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+
+    def __init__(self, config: TokenizerConfig, encoder: FoundationEncoder) -> None:
+        super().__init__()
+        config.validate()
+        if encoder.stride != config.decoder.stride:
+            raise ValueError(f"encoder stride {encoder.stride} differs from the decoder's {config.decoder.stride}")
+        self.config = config
+        self.encoder = encoder
+        self.adapter = Adapter(encoder.hidden_size, config.adapter_hidden, config.latent_channels)
+        self.decoder = LatentDecoder(config.latent_channels, config.decoder)
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(cls, config: TokenizerConfig) -> AlignTokTokenizer:
+        """A new tokenizer: the pretrained encoder named by ``config.encoder`` (or a random one), fresh adapter and decoder."""
+        config.validate()
+        stride = config.decoder.stride
+        if config.encoder == RANDOM_ENCODER:
+            encoder = build_random_encoder(config.random_encoder, stride=stride)
+        else:
+            encoder = load_encoder(config.encoder, kind=config.encoder_kind, stride=stride)
+        return cls(config, encoder)
+
+    @property
+    def stride(self) -> int:
+        return self.decoder.stride
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("encoder", "adapter", "decoder")
+        }
+
+    # ----------------------------------------------------------------------------------- encode / decode
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise a one-line ValueError unless ``x`` is a float batch (B, 3, H, W) in [-1, 1] fitting the stride."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {_describe(x)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 channels (RGB) in dim 1, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[-2] % self.stride or x.shape[-1] % self.stride or x.shape[-2] == 0 or x.shape[-1] == 0:
+            raise ValueError(
+                f"image size {x.shape[-2]}x{x.shape[-1]} is not a positive multiple of the stride {self.stride}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"expected a float tensor scaled to [-1, 1], got dtype {x.dtype}")
+        low, high = torch.stack(torch.aminmax(x.detach())).float().tolist()  # one device sync
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -MAX_ABS_INPUT or high > MAX_ABS_INPUT:
+            raise ValueError(f"image values span [{low:.3g}, {high:.3g}]; scale images to [-1, 1] (e.g. x / 127.5 - 1)")
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features before the adapter (B, hidden, h, w) and after it (the latent, B, C, h, w)."""
+        self.check_images(x)
+        pre = self.encoder(x)
+        return pre, self.adapter(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]."""
+        return self.features(x)[1]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    # ---------------------------------------------------------------------------- latent normalisation
+
+    def set_latent_stats(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> None:
+        """Store per-channel latent statistics (saved with the tokenizer's config)."""
+        mean_list = [float(v) for v in torch.as_tensor(mean).flatten()]
+        std_list = [float(v) for v in torch.as_tensor(std).flatten()]
+        candidate = dataclasses.replace(self.config, latent_mean=mean_list, latent_std=std_list)
+        candidate.validate()
+        self.config = candidate
+
+    def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.latent_mean is None or self.config.latent_std is None:
+            raise ValueError(
+                "latent statistics are not set: compute them over the training set (aligntok cache-latents), "
+                "or call set_latent_stats(mean, std)"
+            )
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected latents (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.config.latent_mean, dtype=z.dtype, device=z.device).view(shape)
+        std = torch.tensor(self.config.latent_std, dtype=z.dtype, device=z.device).view(shape)
+        return mean, std
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(z)
+        return z * std + mean
+
+    # -------------------------------------------------------------------------------------- save / load
+
+    def save_pretrained(self, directory: str | os.PathLike, *, card_extra: dict[str, Any] | None = None) -> Path:
+        """Write config.json, model.safetensors and README.md into ``directory``, atomically.
+
+        Files are written into a temporary sibling directory that is then renamed into place, so a reader
+        never sees a half-written tokenizer. An existing directory is replaced.
+        """
+
+        def write(staging: Path) -> None:
+            (staging / CONFIG_NAME).write_text(json.dumps(self._config_document(), indent=2) + "\n")
+            save_model(self, str(staging / WEIGHTS_NAME))
+            (staging / CARD_NAME).write_text(self._model_card(card_extra or {}))
+
+        return write_directory_atomically(directory, write)
+
+    @classmethod
+    def from_pretrained(
+        cls, dir_or_hub_id: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    ) -> AlignTokTokenizer:
+        """Load a tokenizer saved by :meth:`save_pretrained` from a directory or a Hugging Face hub repo."""
+        directory = _resolve_directory(str(dir_or_hub_id))
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            raise TokenizerNotFoundError(
+                f"'{directory}' is not a saved aligntok tokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        document = json.loads(config_path.read_text())
+        if document.get("format") != FORMAT_NAME:
+            raise TokenizerNotFoundError(
+                f"{config_path} is not an aligntok tokenizer config (format={document.get('format')!r})"
+            )
+        config = config_from_dict(TokenizerConfig, document["tokenizer"])
+        encoder_doc = document["encoder"]
+        encoder = build_encoder_from_config(encoder_doc["kind"], encoder_doc["hf_config"], stride=config.decoder.stride)
+        tokenizer = cls(config, encoder)
+        missing, unexpected = load_model(tokenizer, str(weights_path), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match the architecture in {CONFIG_NAME}: "
+                f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
+                f"(first: {(list(missing) or list(unexpected))[0]})"
+            )
+        return tokenizer.to(map_location).eval()
+
+    def _config_document(self) -> dict[str, Any]:
+        from aligntok import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "aligntok_version": __version__,
+            "tokenizer": config_to_dict(self.config),
+            "encoder": {"kind": self.encoder.kind, "hf_config": self.encoder.hf_config.to_dict()},
+        }
+
+    def _model_card(self, extra: dict[str, Any]) -> str:
+        counts = self.parameter_counts()
+        c, s = self.latent_channels, self.stride
+        stats = "set (used by normalize_latents)" if self.config.latent_mean is not None else "not computed yet"
+        lines = [
+            "---",
+            "library_name: aligntok",
+            "tags: [aligntok, image-tokenizer, latent-diffusion]",
+            "---",
+            "",
+            "# AlignTok image tokenizer",
+            "",
+            "A pretrained vision foundation encoder aligned into an image tokenizer for latent diffusion",
+            "(AlignTok, ICLR 2026): foundation encoder -> per-token MLP adapter -> latent -> CNN decoder.",
+            "",
+            f"- Latent: {c} channels at stride {s} (a 256x256 image gives {c}x{256 // s}x{256 // s}).",
+            (
+                f"- Encoder: `{self.config.encoder}` ({self.encoder.kind}, {self.encoder.hidden_size}-d tokens, "
+                f"patch {self.encoder.patch_size}); its weights (fine-tuned in stage 2) are in model.safetensors."
+            ),
+            f"- Parameters: encoder {counts['encoder']:,}, adapter {counts['adapter']:,}, decoder {counts['decoder']:,}.",
+            f"- Latent statistics: {stats}.",
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from aligntok import AlignTokTokenizer",
+            "",
+            'tok = AlignTokTokenizer.from_pretrained("<this directory or hub id>")',
+            f"z = tok.encode(x)      # x: float tensor (B, 3, H, W) in [-1, 1], H and W multiples of {s}",
+            "x_hat = tok.decode(z)  # (B, 3, H, W)",
+            "```",
+        ]
+        if extra:
+            lines += ["", "## Details", "", "| key | value |", "|---|---|"]
+            lines += [f"| {key} | {_card_value(value)} |" for key, value in extra.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _describe(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _card_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _resolve_directory(name: str) -> Path:
+    """A local directory as is; a hub id through huggingface_hub's snapshot download (or its cache)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if looks_like_local_path(name):
+        raise TokenizerNotFoundError(f"tokenizer directory '{name}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except (OSError, ValueError):
+        raise TokenizerNotFoundError(
+            f"tokenizer '{name}' is neither a local directory nor downloadable (offline?): on a machine with "
+            f"internet run `hf download {name}` and copy the Hugging Face cache here, or pass a local directory"
+        ) from None
