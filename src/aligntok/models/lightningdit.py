@@ -1,0 +1,610 @@
+"""LightningDiT: the class-conditional diffusion transformer trained on the tokenizer's latents.
+
+A re-implementation of the LightningDiT of VA-VAE (hustvl/LightningDiT, ``models/lightningdit.py``)
+with the same parameter names, shapes and maths, so that its released checkpoints load with
+``strict=True`` and give the same outputs for the same weights and inputs. Options: SwiGLU feed-forward,
+2-D rotary position embedding (EVA style, interleaved pairs), RMSNorm, QK-norm, shift-free adaLN,
+class-label dropout for classifier-free guidance and an optional learned-sigma head (its second half is
+dropped, as in the reference). Attention goes through ``F.scaled_dot_product_attention``.
+
+The model only maps ``(x, t, y)`` to a velocity; the loss lives in :mod:`aligntok.diffusion.transport`
+and guidance in :mod:`aligntok.diffusion.samplers`. Time follows the reference (SiT) convention:
+``t = 0`` is pure noise and ``t = 1`` is data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from aligntok.config import ConfigError, config_from_dict, config_to_dict
+from aligntok.io import write_directory_atomically
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "aligntok-lightningdit"  # written into config.json so a tokenizer dir is not mistaken for a DiT
+
+# name -> (depth, hidden_size, num_heads, patch_size). The reference's registry plus S/1, S/2 (DiT-S
+# sizes) and L/1, which the reference lists only at patch 2.
+LIGHTNINGDIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    f"LightningDiT-{size}/{patch}": (depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in {
+        "S": (12, 384, 6),
+        "B": (12, 768, 12),
+        "L": (24, 1024, 16),
+        "XL": (28, 1152, 16),
+        "1p0B": (24, 1536, 24),
+        "1p6B": (28, 1792, 28),
+    }.items()
+    for patch in (1, 2)
+}
+
+
+@dataclasses.dataclass
+class LightningDiTConfig:
+    """Architecture of a LightningDiT. Defaults: the paper's LightningDiT-XL/1 on 16x16x32 latents."""
+
+    input_size: int = 16  #: latent height = width the model is built for (image side / 16)
+    in_channels: int = 32  #: latent channels
+    patch_size: int = 1  #: side of the square patches the latent is cut into
+    hidden_size: int = 1152  #: transformer width
+    depth: int = 28  #: number of transformer blocks
+    num_heads: int = 16  #: attention heads
+    mlp_ratio: float = 4.0  #: feed-forward width / hidden_size (SwiGLU uses 2/3 of it, as the reference)
+    num_classes: int = 1000  #: class labels; index num_classes is the null label when class dropout > 0
+    class_dropout_prob: float = 0.1  #: probability a training label is replaced by the null label (CFG)
+    learn_sigma: bool = False  #: reference's learned-sigma head (output doubled, second half dropped)
+    use_qknorm: bool = False  #: normalise queries and keys per head (paper: on for the 800-epoch run)
+    use_swiglu: bool = True  #: SwiGLU feed-forward instead of a GELU MLP
+    use_rope: bool = True  #: 2-D rotary position embedding on queries and keys
+    use_rmsnorm: bool = True  #: RMSNorm (with weight) instead of affine-free LayerNorm
+    wo_shift: bool = False  #: adaLN without the shift terms (scale and gate only)
+    gradient_checkpointing: bool = False  #: recompute blocks in the backward pass to save memory
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> LightningDiTConfig:
+        """The config of a named preset (see ``LIGHTNINGDIT_PRESETS``) with field overrides."""
+        if preset not in LIGHTNINGDIT_PRESETS:
+            raise ConfigError(f"unknown LightningDiT preset {preset!r}; choose from {', '.join(LIGHTNINGDIT_PRESETS)}")
+        depth, hidden_size, num_heads, patch_size = LIGHTNINGDIT_PRESETS[preset]
+        sizes = {"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown LightningDiT config field(s): {', '.join(sorted(unknown))}")
+        config = cls(**{**sizes, **overrides})
+        config.validate()
+        return config
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side."""
+        return self.input_size // self.patch_size
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        # The reference computes int(hidden * ratio), then int(2/3 * that) for SwiGLU; keep the same
+        # float rounding so that released weights fit.
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return int(2 / 3 * hidden) if self.use_swiglu else hidden
+
+    def validate(self) -> None:
+        positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ConfigError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+        if self.hidden_size % 4:
+            raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+        if self.use_rope and self.head_dim % 4:
+            raise ConfigError(f"use_rope needs a head dim divisible by 4, got {self.head_dim}")
+        if not 0.0 <= self.class_dropout_prob <= 1.0:
+            raise ConfigError(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1]")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio={self.mlp_ratio} must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 (as the reference) with the fused kernel, returned in the input dtype.
+
+    Under bf16 autocast torch's own module would see a bf16 input and an fp32 weight and fall back to
+    its slow unfused path.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-6)  # the reference's eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    # The reference's RMSNorm has a weight; its LayerNorm has no affine parameters.
+    return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    scaled = x * (1 + scale.unsqueeze(1))
+    return scaled if shift is None else scaled + shift.unsqueeze(1)
+
+
+def sincos_position_embedding(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding, (grid_size**2, embed_dim): first half encodes the column, second the row.
+
+    Same values as MAE/DiT's ``get_2d_sincos_pos_embed`` (float64 maths, then float32).
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    # DiT's meshgrid puts w first, so its "grid_h" half actually encodes the column index.
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+
+
+class RotaryEmbedding2D(nn.Module):
+    """EVA-02's 2-D rotary embedding (``VisionRotaryEmbeddingFast``): half the head dim rotates with the
+    row index, half with the column, on interleaved (even, odd) pairs. Its tables are saved buffers, as
+    in the reference, so they travel with checkpoints."""
+
+    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        axis_dim = head_dim // 2
+        inv_freq = 1.0 / theta ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].float() / axis_dim)
+        # arange / n * n, as the reference, so that tables match it to the last bit.
+        positions = torch.arange(grid_size) / grid_size * grid_size
+        angles = torch.einsum("i,f->if", positions, inv_freq).repeat_interleave(2, dim=-1)  # (grid, axis_dim)
+        rows = angles[:, None, :].expand(grid_size, grid_size, axis_dim)
+        cols = angles[None, :, :].expand(grid_size, grid_size, axis_dim)
+        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((-odd, even), dim=-1).flatten(-2)
+        # fp32 tables promote bf16 inputs, as in the reference; cast back so attention gets one dtype.
+        return (x * self.freqs_cos + rotated * self.freqs_sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional QK-norm and rotary embedding."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, use_rmsnorm: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        # The reference's QK-norm is RMSNorm(eps 1e-6) or an affine LayerNorm with torch's default eps.
+        make_norm = (lambda: RMSNorm(head_dim)) if use_rmsnorm else (lambda: nn.LayerNorm(head_dim))
+        self.q_norm = make_norm() if qk_norm else nn.Identity()
+        self.k_norm = make_norm() if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward with the gate and value projections fused in one matrix (``w12``)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class GeluMLP(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (timm ``Mlp`` names: fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _ada_ln(hidden_size: int, chunks: int) -> nn.Sequential:
+    # Sequential so that the linear layer is named "adaLN_modulation.1", as in the reference.
+    return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens (timm ``PatchEmbed`` names: ``proj``)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t (cos half first, max period 10000) followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; with dropout > 0 it has one extra row, the null label used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(dropped, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class LightningDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, config: LightningDiTConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.norm1 = _norm(hidden, config.use_rmsnorm)
+        self.attn = Attention(hidden, config.num_heads, config.use_qknorm, config.use_rmsnorm)
+        self.norm2 = _norm(hidden, config.use_rmsnorm)
+        mlp_cls = SwiGLUFFN if config.use_swiglu else GeluMLP
+        self.mlp = mlp_cls(hidden, config.mlp_hidden_size)
+        self.wo_shift = config.wo_shift
+        self.adaLN_modulation = _ada_ln(hidden, 4 if config.wo_shift else 6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RotaryEmbedding2D | None) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from tokens to patches."""
+
+    def __init__(self, config: LightningDiTConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.norm_final = _norm(hidden, config.use_rmsnorm)
+        self.linear = nn.Linear(hidden, config.patch_size**2 * config.out_channels)
+        self.adaLN_modulation = _ada_ln(hidden, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class LightningDiT(nn.Module):
+    """Class-conditional diffusion transformer: ``model(x, t, y)`` -> velocity, shaped like ``x``.
+
+    ``x``: (B, in_channels, input_size, input_size) latents; ``t``: (B,) or scalar time in [0, 1] with
+    0 = noise, 1 = data; ``y``: (B,) integer labels in [0, num_classes], num_classes being the null label.
+    """
+
+    def __init__(self, config: LightningDiTConfig | None = None) -> None:
+        super().__init__()
+        config = config or LightningDiTConfig()
+        config.validate()
+        self.config = config
+        self.x_embedder = PatchEmbed(config.in_channels, config.hidden_size, config.patch_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        # A saved buffer (the reference has a frozen parameter of the same name and shape), so that the
+        # optimizer and EMA never see it while checkpoints still carry it.
+        self.register_buffer("pos_embed", sincos_position_embedding(config.hidden_size, config.grid_size)[None])
+        self.feat_rope = RotaryEmbedding2D(config.head_dim, config.grid_size) if config.use_rope else None
+        self.blocks = nn.ModuleList(LightningDiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_label(self) -> int | None:
+        """The label that means "no class" (for guidance), or None when the model was built without one."""
+        return self.config.num_classes if self.config.class_dropout_prob > 0 else None
+
+    def initialize_weights(self) -> None:
+        """The reference's initialisation: Xavier linears, zeroed adaLN and output layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        patch_weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for modulation in [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]:
+            nn.init.zeros_(modulation[-1].weight)
+            nn.init.zeros_(modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"LightningDiT expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        return t
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W), patch pixels ordered (row, column, channel) as the reference."""
+        p, grid, channels = self.config.patch_size, self.config.grid_size, self.config.out_channels
+        x = tokens.reshape(tokens.shape[0], grid, grid, p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(tokens.shape[0], channels, grid * p, grid * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor) -> torch.Tensor:
+        t = self._check_inputs(x, torch.as_tensor(t, device=x.device), y)
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, self.feat_rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, self.feat_rope)
+        out = self.unpatchify(self.final_layer(tokens, c))
+        return out[:, : self.config.in_channels] if self.config.learn_sigma else out
+
+    # -----------------------------------------------------------------------------------------
+    # Persistence: config.json + model.safetensors
+    # -----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors to ``directory``, atomically (temp dir, then rename)."""
+        from aligntok import __version__
+
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        document = {"format": FORMAT_NAME, "aligntok_version": __version__, "config": config_to_dict(self.config)}
+
+        def write(tmp: Path) -> None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "model": "LightningDiT"})
+
+        return write_directory_atomically(directory, write)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> LightningDiT:
+        """Load a directory written by :meth:`save_pretrained` (strict: every key must match)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise ValueError(f"not a LightningDiT directory: {path} is missing")
+        try:
+            document = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        is_ours = isinstance(document, dict) and document.get("format") == FORMAT_NAME and "config" in document
+        if not is_ours:
+            found = document.get("format") if isinstance(document, dict) else None
+            raise ValueError(f"{config_path} is not a LightningDiT config (format={found!r}, expected {FORMAT_NAME!r})")
+        config = config_from_dict(LightningDiTConfig, document["config"])
+        model = build_from_state_dict(config, load_file(str(weights_path)), source=str(weights_path))
+        return model.to(device=device, dtype=dtype)
+
+
+def _describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor]) -> str | None:
+    """One line naming missing keys, unexpected keys and shape mismatches, or None when all match."""
+
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(names[:6])
+        return shown + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(given[k].shape)} != {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(given))
+        if tuple(given[k].shape) != tuple(expected[k])
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {listing(unexpected)}")
+    if wrong_shape:
+        parts.append(f"shape mismatches: {listing(wrong_shape)}")
+    return "; ".join(parts) or None
+
+
+def build_from_state_dict(config: LightningDiTConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> LightningDiT:
+    """A LightningDiT of ``config`` holding ``state_dict`` (float32), or a one-line ValueError naming the
+    missing / unexpected / mis-shaped keys. Built on the meta device so no time goes to initialisation."""
+    with torch.device("meta"):
+        model = LightningDiT(config)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    problem = _describe_mismatch(expected, state_dict)
+    if problem:
+        raise ValueError(f"{source} does not fit LightningDiT({_short_config(config)}): {problem}")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
+def _short_config(config: LightningDiTConfig) -> str:
+    flags = [name for name in ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift", "learn_sigma") if getattr(config, name)]
+    return (
+        f"depth={config.depth}, hidden={config.hidden_size}, heads={config.num_heads}, patch={config.patch_size}, "
+        f"in_channels={config.in_channels}, input_size={config.input_size}, {'+'.join(flags) or 'no options'}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing released reference checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # DDP adds "module.", torch.compile "_orig_mod.", in either order.
+    stripped: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        stripped[name] = value
+    return stripped
+
+
+def _pick_state_dict(checkpoint_obj: Any, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(checkpoint_obj, dict):
+        raise ValueError(f"{source}: expected a dict of state dicts, got {type(checkpoint_obj).__name__}")
+    for key in ("ema", "model"):  # the EMA weights are the ones the reference samples with
+        if key in checkpoint_obj:
+            chosen = checkpoint_obj[key]
+            break
+    else:
+        chosen = checkpoint_obj  # a bare state dict
+    if not isinstance(chosen, dict) or not chosen or not all(isinstance(v, torch.Tensor) for v in chosen.values()):
+        raise ValueError(f"{source}: no 'ema' or 'model' state dict found (top-level keys: {', '.join(map(str, list(checkpoint_obj)[:8]))})")
+    return _strip_wrapper_prefixes(chosen)
+
+
+def infer_options(state_dict: Mapping[str, torch.Tensor], preset_config: LightningDiTConfig) -> dict[str, Any]:
+    """Config fields a reference state dict reveals: the option flags, channels, latent size and classes.
+
+    Sizes that define the preset (depth, width, patch) are read too, so that a mismatch with the chosen
+    preset is reported rather than silently followed.
+    """
+    if "x_embedder.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        return {}  # not recognisably LightningDiT; the key check will name what is missing
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    num_tokens = state_dict["pos_embed"].shape[1]
+    options: dict[str, Any] = {
+        "depth": len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
+        "hidden_size": hidden,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "input_size": math.isqrt(num_tokens) * patch,
+        "use_swiglu": "blocks.0.mlp.w12.weight" in state_dict,
+        "use_rmsnorm": "blocks.0.norm1.weight" in state_dict,
+        "use_qknorm": "blocks.0.attn.q_norm.weight" in state_dict,
+        "use_rope": "feat_rope.freqs_cos" in state_dict,
+    }
+    if "blocks.0.adaLN_modulation.1.weight" in state_dict:
+        options["wo_shift"] = state_dict["blocks.0.adaLN_modulation.1.weight"].shape[0] == 4 * hidden
+    if "final_layer.linear.weight" in state_dict:
+        options["learn_sigma"] = state_dict["final_layer.linear.weight"].shape[0] == 2 * patch * patch * in_channels
+    if "y_embedder.embedding_table.weight" in state_dict:
+        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        options["num_classes"] = rows - int(preset_config.class_dropout_prob > 0)
+    return options
+
+
+def import_lightningdit_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    preset: str = "LightningDiT-XL/1",
+    **overrides: Any,
+) -> LightningDiT:
+    """Convert a reference checkpoint (a torch file holding ``model`` and/or ``ema`` state dicts, or a bare
+    state dict) into a :meth:`LightningDiT.save_pretrained` directory and return the loaded model.
+
+    The EMA weights are taken when present; ``module.`` / ``_orig_mod.`` prefixes are stripped. The preset
+    fixes depth, width, heads and patch; option flags, channels, latent size and number of classes are
+    read from the checkpoint unless given in ``overrides`` (LightningDiTConfig fields). Any key or shape
+    that does not fit is named in a one-line ValueError.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for non-tensor pickles and corrupt files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({first_line})") from None
+    state_dict = _pick_state_dict(raw, str(path))
+    preset_config = LightningDiTConfig.from_preset(preset, **overrides)
+    inferred = {k: v for k, v in infer_options(state_dict, preset_config).items() if k not in overrides}
+    sizes = ("depth", "hidden_size", "patch_size")
+    found = {name: inferred.pop(name) for name in sizes if name in inferred}
+    wanted = {name: getattr(preset_config, name) for name in found}
+    if found != wanted:
+        describe = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())
+        raise ValueError(f"{path} holds {describe(found)} but preset {preset} has {describe(wanted)}; pick the matching preset")
+    config = dataclasses.replace(preset_config, **inferred)
+    config.validate()
+    model = build_from_state_dict(config, state_dict, source=str(path))
+    model.save_pretrained(out_dir)
+    return model
