@@ -1,0 +1,54 @@
+"""The `aligntok` command: subcommands listed, one-line errors, reconstruct writes PNG pairs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aligntok.cli import main
+from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
+
+
+def test_help_lists_the_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "aligntok.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("train-tokenizer", "reconstruct"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("stage1.train.stepz=3", "unknown config key 'stage1.train.stepz'"), ("data.resolution=big", "data.resolution")],
+)
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, capsys, override, expected):
+    assert main(["train-tokenizer", str(TINY), "--out", str(tmp_path / "run"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_reconstruct_writes_input_and_reconstruction_pairs(tmp_path, capsys):
+    cfg = TokenizerConfig(encoder="random", latent_channels=4, adapter_hidden=8)
+    cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 8, [1, 2], 4
+    AlignTokTokenizer.from_config(cfg).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "recon"
+    args = ["reconstruct", str(tmp_path / "tok"), "builtin:shapes", "--out", str(out), "--num", "3", "--resolution", "16"]
+    assert main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{i:05d}_{kind}.png" for i in range(3) for kind in ("input", "recon")]
+    for name in names:
+        image = np.asarray(Image.open(out / name))
+        assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+
+
+def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):
+    assert main(["reconstruct", str(tmp_path / "nope"), "builtin:shapes", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and "\n" not in err

@@ -1,0 +1,147 @@
+"""The three tokenizer stages: what trains, what stays bitwise frozen, where each stage starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligntok.config import ConfigError, load_config
+from aligntok.models.tokenizer import AlignTokTokenizer
+from aligntok.training.stages import (
+    PARTS,
+    STAGES,
+    TokenizerStageTask,
+    TokenizerTrainConfig,
+    build_semantic_loss,
+    build_stage_tokenizer,
+    train_tokenizer,
+)
+from aligntok.losses.reconstruction import ReconstructionLoss
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
+
+# Smaller than the shipped tiny config so that the whole three-stage run takes seconds.
+FAST = [
+    "data.resolution=32",
+    "data.num_workers=0",
+    "model.decoder.base_channels=8",
+    "model.decoder.channel_mult=[1,2,2,2]",
+    "model.decoder.norm_groups=4",
+    "model.adapter_hidden=16",
+    "model.latent_channels=4",
+    "loss.gan_start=2",
+    *[f"stage{n}.train.{k}" for n in (1, 2, 3) for k in ("steps=3", "batch_size=4", "ckpt_every=10", "log_every=1")],
+    "stage2.train.ema_decay=0.5",
+]
+
+
+def _parts(tok: AlignTokTokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    return {p: {k: v.detach().clone() for k, v in getattr(tok, p).state_dict().items()} for p in PARTS}
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = load_config(TokenizerTrainConfig, TINY, FAST)
+    run_dir = tmp_path_factory.mktemp("tok_run")
+    initial = _parts(build_stage_tokenizer(cfg, run_dir, STAGES[1]))
+    outputs = train_tokenizer(cfg, run_dir)
+    weights = {n: _parts(AlignTokTokenizer.from_pretrained(outputs[n])) for n in (1, 2, 3)}
+    return cfg, run_dir, initial, weights
+
+
+def test_stage_table_matches_the_paper():
+    assert STAGES[1].trains == {"adapter", "decoder"} and not STAGES[1].semantic_loss
+    assert STAGES[2].trains == set(PARTS) and STAGES[2].semantic_loss and STAGES[2].keeps_ema
+    assert STAGES[3].trains == {"decoder"} and not STAGES[3].semantic_loss
+    assert [STAGES[n].starts_from for n in (1, 2, 3)] == [None, 1, 2]
+
+
+def test_each_stage_changes_exactly_its_parts(run):
+    _, _, initial, weights = run
+    before = {1: initial, 2: weights[1], 3: weights[2]}
+    for n in (1, 2, 3):
+        for part in PARTS:
+            changed = _changed(before[n][part], weights[n][part])
+            assert changed == (part in STAGES[n].trains), f"stage {n}: {part} changed={changed}"
+
+
+def test_every_stage_leaves_a_loadable_tokenizer(run):
+    cfg, run_dir, _, _ = run
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for n in (1, 2, 3):
+        tok = AlignTokTokenizer.from_pretrained(run_dir / f"stage{n}")
+        z = tok.encode(x)
+        assert z.shape == (2, cfg.model.latent_channels, 4, 4)
+        assert tok.decode(z).shape == x.shape
+        assert (run_dir / f"stage{n}" / "README.md").is_file()
+
+
+def test_frozen_parts_are_in_eval_mode_and_get_no_optimizer_state(run):
+    cfg, run_dir, _, _ = run
+    for n in (1, 3):
+        tok = build_stage_tokenizer(cfg, run_dir, STAGES[n])
+        task = TokenizerStageTask(tok, STAGES[n], ReconstructionLoss(cfg.loss), None)
+        task.train_mode()
+        trained = {id(p) for p in task.optimizers()["generator"]}
+        for part in PARTS:
+            module = getattr(tok, part)
+            expect = part in STAGES[n].trains
+            assert module.training == expect, (n, part)
+            assert all((id(p) in trained) == expect for p in module.parameters()), (n, part)
+
+
+def test_semantic_loss_is_zero_at_stage2_start_and_grows_with_drift(run):
+    cfg, run_dir, _, _ = run
+    tok = build_stage_tokenizer(cfg, run_dir, STAGES[2])
+    task = TokenizerStageTask(tok, STAGES[2], ReconstructionLoss(cfg.loss), build_semantic_loss(cfg, run_dir))
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1}
+    logs = task.losses(batch, step=0)["generator"][1]
+    assert float(logs["sp_total"]) == 0.0
+    with torch.no_grad():
+        for p in tok.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drifted = float(task.losses(batch, step=0)["generator"][1]["sp_total"])
+    assert drifted > 0.0
+
+
+def test_rerun_skips_finished_stages(run):
+    cfg, run_dir, _, weights = run
+    train_tokenizer(cfg, run_dir)
+    again = _parts(AlignTokTokenizer.from_pretrained(run_dir / "stage3"))
+    assert not any(_changed(again[p], weights[3][p]) for p in PARTS)
+
+
+def test_stage3_can_start_from_stage2_raw_weights_instead_of_ema(run):
+    cfg, run_dir, _, weights = run
+    cfg.stage3.init_from_ema = False
+    raw = _parts(build_stage_tokenizer(cfg, run_dir, STAGES[3]))
+    assert _changed(raw["decoder"], weights[2]["decoder"])  # stage 2 exported its EMA, not these
+    cfg.stage3.init_from_ema = True
+    assert not _changed(_parts(build_stage_tokenizer(cfg, run_dir, STAGES[3]))["decoder"], weights[2]["decoder"])
+
+
+def test_fsdp_is_refused_for_tokenizer_stages():
+    with pytest.raises(ConfigError, match="fsdp is not supported"):
+        load_config(TokenizerTrainConfig, TINY, ["stage2.train.fsdp=true"])
+
+
+def test_stage2_alone_without_stage1_output_names_what_is_missing(tmp_path):
+    cfg = load_config(TokenizerTrainConfig, TINY, FAST)
+    with pytest.raises(FileNotFoundError, match="stage 2 starts from stage 1"):
+        train_tokenizer(cfg, tmp_path, stages=(2,))
+
+
+def test_training_log_records_each_stage(run):
+    _, run_dir, _, _ = run
+    for n in (1, 2, 3):
+        lines = (run_dir / "train" / f"stage{n}" / "log.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert records and all(r["step"] <= 3 for r in records)
