@@ -147,7 +147,14 @@ def build_loader(
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if num_workers < 0 or start_step < 0:
         raise ValueError(f"num_workers={num_workers} and start_step={start_step} must be >= 0")
-    common = {"num_workers": num_workers, "collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}
+    # An explicit generator: otherwise starting the iterator draws a worker seed from the global RNG,
+    # shifting the model's random stream by one draw whenever a loader is (re)created, e.g. on resume.
+    common = {
+        "num_workers": num_workers,
+        "collate_fn": collate_samples,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": torch.Generator().manual_seed(seed),
+    }
     if isinstance(dataset, ShardDataset):
         stream = _ShardBatchStream(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                                    start_step=start_step)
