@@ -29,6 +29,174 @@ def _reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {written} input/reconstruction pairs to {args.out}")
 
 
+def _evaluate_recon(args: argparse.Namespace) -> None:
+    from aligntok.eval.commands import default_output_path, evaluate_reconstruction
+
+    out = args.out or default_output_path(args.tokenizer, "recon")  # checked before the long run
+    result = evaluate_reconstruction(
+        args.tokenizer, args.data, resolution=args.resolution, num=args.num, batch_size=args.batch_size,
+        num_workers=args.num_workers, seed=args.seed, lpips_net=None if args.lpips == "none" else args.lpips,
+        lpips_backbone_weights=args.lpips_backbone_weights, lpips_pretrained_backbone=not args.lpips_random_backbone,
+        rfid=not args.no_rfid, inception_weights=args.inception_weights, allow_download=not args.offline,
+    )
+    _publish("recon", result, out)
+
+
+def _evaluate_gen(args: argparse.Namespace) -> None:
+    from aligntok.eval import evaluate_generation
+    from aligntok.eval.commands import default_output_path
+
+    out = args.out or default_output_path(args.samples, "gen")
+    result = evaluate_generation(
+        args.samples, args.ref, inception_weights=args.inception_weights,
+        dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_splits=args.is_splits,
+        allow_download=not args.offline, progress=True,
+    )
+    _publish("gen", result, out)
+
+
+def _evaluate_probe(args: argparse.Namespace) -> None:
+    from aligntok.eval.commands import default_output_path, evaluate_tokenizer_probe
+
+    out = args.out or default_output_path(args.tokenizer, "probe")
+    result = evaluate_tokenizer_probe(
+        args.tokenizer, args.data, test_data=args.test_data, resolution=args.resolution, num=args.num,
+        test_num=args.test_num, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+        cknna_k=args.cknna_k, cknna_samples=args.cknna_samples,
+    )
+    _publish("probe", result, out)
+
+
+def _publish(kind: str, result: dict, out: Path) -> None:
+    """Rank 0 writes the JSON and prints the summary; then the process group (if any) ends."""
+    from aligntok.eval.commands import summarize, write_result
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    if is_main():
+        write_result(result, out)
+        print(summarize(kind, result))
+        print(f"wrote {out}")
+    destroy_distributed()
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """`aligntok evaluate recon|gen|probe`."""
+    evaluate = sub.add_parser("evaluate", help="metrics with the field's protocols: recon, gen, probe (JSON output)")
+    kinds = evaluate.add_subparsers(dest="evaluation", required=True, metavar="KIND")
+
+    def common(p: argparse.ArgumentParser, batch_size: int) -> None:
+        p.add_argument("--out", type=Path, help="JSON file (default: beside the input, INPUT.eval-KIND.json)")
+        p.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per process)")
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
+        p.add_argument("--data", required=True, help="data spec: image folder, shards, or builtin:NAME")
+        p.add_argument("--resolution", type=int, default=256, help="ADM center-crop side in pixels")
+        p.add_argument("--num", type=int, help="images to use (default: all; fewer: a seeded random subset). "
+                       "Under torchrun put -- before the subcommand: torchrun takes --num for its --numa-binding")
+        p.add_argument("--num-workers", type=int, default=4, help="data loading processes per rank")
+        p.add_argument("--seed", type=int, default=0, help="seed of the image subset (and of the probe split)")
+
+    def offline_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--offline", action="store_true",
+                       help="never download weights; a missing file is an error saying where to put it")
+
+    p = kinds.add_parser("recon", help="PSNR, SSIM, LPIPS and rFID of a tokenizer's reconstructions")
+    data_options(p)
+    common(p, 32)
+    p.add_argument("--inception-weights", type=Path, help="Inception file (default: torch-fidelity's cache)")
+    p.add_argument("--no-rfid", action="store_true", help="skip rFID (no Inception weights needed)")
+    p.add_argument("--lpips", choices=("vgg", "alex", "none"), default="vgg", help="LPIPS trunk, or none to skip")
+    p.add_argument("--lpips-backbone-weights", type=Path,
+                   help="torchvision ImageNet weights of the LPIPS trunk (default: torchvision's cache)")
+    p.add_argument("--lpips-random-backbone", action="store_true",
+                   help="seeded random LPIPS trunk (tests and demos only: numbers not comparable)")
+    offline_option(p)
+    p.set_defaults(func=_evaluate_recon)
+
+    p = kinds.add_parser("gen", help="FID, IS, precision/recall (ADM protocol) and FD_DINOv2 of samples")
+    p.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC) or a folder of PNGs")
+    p.add_argument("--ref", required=True, help="ADM reference batch .npz (images and/or mu/sigma) or image folder")
+    common(p, 100)
+    p.add_argument("--inception-weights", type=Path, help="Inception file (default: torch-fidelity's cache)")
+    p.add_argument("--dinov2", default="auto",
+                   help="DINOv2 for FD_DINOv2: hub id or directory, auto (ViT-L/14 if cached) or none")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 10)")
+    offline_option(p)
+    p.set_defaults(func=_evaluate_gen)
+
+    p = kinds.add_parser("probe", help="linear probe on pooled latents and CKNNA with the foundation encoder")
+    data_options(p)
+    common(p, 64)
+    p.add_argument("--test-data", help="held-out data spec (default: a seeded 20%% split of --data)")
+    p.add_argument("--test-num", type=int, help="test images to use (default: all)")
+    p.add_argument("--cknna-k", type=int, default=10, help="nearest neighbours of CKNNA")
+    p.add_argument("--cknna-samples", type=int, default=10_000, help="images in CKNNA's seeded subset (O(n^2) memory)")
+    p.set_defaults(func=_evaluate_probe)
+
+
+def _cache_latents(args: argparse.Namespace) -> None:
+    from aligntok.data.latents import cache_latents
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    result = cache_latents(
+        args.tokenizer, args.data, args.out, resolution=args.resolution, batch_size=args.batch_size,
+        shard_size=args.shard_size, num_workers=args.num_workers, builtin_size=args.builtin_size,
+    )
+    if is_main():
+        meta = result.metadata
+        print(f"cached {meta['num_images']} images ({meta['skipped_images']} skipped) in {result.directory}; "
+              f"latent mean/std recorded in {args.tokenizer}")
+    destroy_distributed()
+
+
+def _train_dit(args: argparse.Namespace) -> None:
+    from aligntok.config import load_config, save_config
+    from aligntok.diffusion.training import DiTTrainConfig, train_dit
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    cfg = load_config(DiTTrainConfig, args.config, args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, args.out / "config.yaml")
+    path = train_dit(cfg, args.out)
+    if is_main():
+        print(f"model: {path}")
+    destroy_distributed()
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class numbers like 1,2,3, got {text!r}") from None
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from aligntok.diffusion.samplers import SamplerConfig
+    from aligntok.diffusion.sampling import SampleConfig, sample_to_directory
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    given = {
+        "method": args.method, "num_steps": args.steps, "cfg_scale": args.cfg_scale,
+        "cfg_interval_start": args.interval_start, "timestep_shift": args.shift,
+    }
+    sampler = SamplerConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SamplerConfig's defaults
+    config = SampleConfig(num=args.num, seed=args.seed, labels=args.labels, batch_size=args.batch_size, sampler=sampler)
+    result = sample_to_directory(args.dit, args.tokenizer, args.out, config)
+    if is_main():
+        print(f"wrote {args.num} samples to {result.samples}, {result.grid} and {result.directory / 'sampling.json'}")
+    destroy_distributed()
+
+
+def _import_lightningdit(args: argparse.Namespace) -> None:
+    from aligntok.models.lightningdit import import_lightningdit_checkpoint
+
+    model = import_lightningdit_checkpoint(args.checkpoint, args.out, preset=args.preset)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {args.preset}, {count / 1e6:.1f}M parameters, "
+          f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size} latents")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligntok",
@@ -52,7 +220,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=16, help="number of images")
     p.add_argument("--resolution", type=int, default=256, help="square crop side in pixels")
     p.set_defaults(func=_reconstruct)
+    _add_evaluate_parser(sub)
+    _add_diffusion_parsers(sub)
     return parser
+
+
+def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
+    """`aligntok cache-latents`, `train-dit`, `sample` and `import-lightningdit`.
+
+    Nothing here imports torch (so --help stays fast): sampler defaults and the preset names are checked
+    by SamplerConfig and the importer, which name the valid choices in their one-line errors.
+    """
+    p = sub.add_parser("cache-latents", help="encode a dataset once (plain and flipped) and record latent statistics")
+    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory (its config gets the mean/std)")
+    p.add_argument("--data", required=True, help="data spec: image folder, shards, or builtin:NAME")
+    p.add_argument("--out", type=Path, required=True, help="cache directory; re-running with it resumes")
+    p.add_argument("--resolution", type=int, default=256, help="ADM center-crop side in pixels")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (per process)")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per cache shard (WebDataset input: one per tar)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loading processes per rank")
+    p.add_argument("--builtin-size", type=int, default=10000, help="images in a builtin:NAME dataset")
+    p.set_defaults(func=_cache_latents)
+
+    p = sub.add_parser("train-dit", help="train LightningDiT on cached (or on-the-fly) latents; re-running resumes")
+    p.add_argument("config", type=Path, help="YAML config (e.g. configs/dit/tiny.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: RUN/model (EMA weights) and RUN/train")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.set_defaults(func=_train_dit)
+
+    p = sub.add_parser("sample", help="sample images: PNG grid, ADM .npz and the settings")
+    p.add_argument("--dit", type=Path, required=True, help="LightningDiT directory (RUN/model of train-dit)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer whose latents the DiT was trained on")
+    p.add_argument("--num", type=int, required=True,
+                   help="number of samples (under torchrun put -- before `sample`: torchrun reads --num as --numa-binding)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1 = none; paper: ~10 at 64 ep, 6.7 at 800)")
+    p.add_argument("--steps", type=int, help="integration steps (default 250)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded from (seed, i)")
+    p.add_argument("--method", help="euler (default) or heun (ODE), euler_maruyama (SDE)")
+    p.add_argument("--labels", type=_class_list, help="comma-separated classes, repeated over the samples (default: i %% num_classes)")
+    p.add_argument("--interval-start", type=float, help="guidance only for t >= this, t=0 being noise (default 0.10)")
+    p.add_argument("--shift", type=float, help="timestep shift s; 0 or 1 = none (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per model call")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("import-lightningdit", help="convert a reference LightningDiT checkpoint (EMA weights if present)")
+    p.add_argument("checkpoint", type=Path, help="torch file holding 'model' and/or 'ema' state dicts")
+    p.add_argument("--out", type=Path, required=True, help="output directory (LightningDiT.save_pretrained format)")
+    p.add_argument("--preset", default="LightningDiT-XL/1", help="size preset, LightningDiT-{S,B,L,XL,1p0B,1p6B}/{1,2}")
+    p.set_defaults(func=_import_lightningdit)
 
 
 def main(argv: list[str] | None = None) -> int:

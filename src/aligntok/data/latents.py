@@ -1,0 +1,489 @@
+"""The latent cache: a dataset encoded once by a tokenizer (plain and flipped), and its statistics.
+
+:func:`cache_latents` (the ``aligntok cache-latents`` command) cuts the dataset into units (index
+ranges of ``shard_size`` images for folders and ``builtin:``; one unit per tar for WebDataset shards)
+and writes each unit as one safetensors shard under a temporary name that is renamed when complete:
+
+    CACHE/plan.json                 the settings the shards were made with (a re-run must match them)
+    CACHE/shard-00000.safetensors   latents (n, C, h, w) fp32, latents_flip (the horizontally flipped
+                                    image's latents), labels (n,) int64, indices (n,) int64 (dataset
+                                    index; for tars the position in the tar), and stat_count / stat_mean /
+                                    stat_m2 (float64 per-channel moments of both latents); metadata: the
+                                    files skipped as unreadable
+    CACHE/cache.json                written last: shards, per-channel mean and std, skipped files
+
+Under torchrun the ranks take disjoint units (round-robin over the units still missing), so nothing is
+encoded twice. Re-running the same command keeps finished shards and encodes only the missing ones. The
+per-channel mean and std are combined from the shards' float64 moments (Chan et al.'s parallel update),
+over every latent position of both the plain and the flipped latents, i.e. over the distribution the
+DiT trains on; std is the unbiased one (as ``torch.std``). They are recorded in the cache's metadata and
+in the tokenizer's config (``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of
+aligntok reads them.
+
+:class:`LatentDataset` reads a finished cache as a map-style dataset of sample dicts
+``{"latent", "latent_flip", "label", "index"}``, so :func:`aligntok.data.build_loader` streams it
+with exact resume.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from aligntok.data import build_dataset, collate_samples
+from aligntok.data.shards import ShardDataset
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "aligntok-latent-cache"
+CACHE_FILE = "cache.json"
+PLAN_FILE = "plan.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+MAX_LISTED_SKIPS = 1000  # skipped files named in cache.json (all are counted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChannelMoments:
+    """Count, mean and sum of squared deviations per channel, in float64; merge exactly across parts."""
+
+    count: int
+    mean: torch.Tensor  #: (C,) float64
+    m2: torch.Tensor  #: (C,) float64, sum of squared deviations from ``mean``
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelMoments:
+        zeros = torch.zeros(channels, dtype=torch.float64)
+        return cls(0, zeros, zeros.clone())
+
+    @classmethod
+    def of(cls, latents: torch.Tensor) -> ChannelMoments:
+        """Moments of latents (N, C, h, w) over N, h and w."""
+        z = latents.detach().to(torch.float64).transpose(0, 1).reshape(latents.shape[1], -1)
+        if z.shape[1] == 0:
+            return cls.empty(latents.shape[1])
+        mean = z.mean(dim=1)
+        return cls(z.shape[1], mean, (z - mean[:, None]).square().sum(dim=1))
+
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
+        """The moments of the union (Chan, Golub and LeVeque's pairwise update)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / total)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / total)
+        return ChannelMoments(total, mean, m2)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Unbiased standard deviation per channel (as ``torch.std``)."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 latent values per channel for a std, got {self.count}")
+        return (self.m2 / (self.count - 1)).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# Units of work
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """One shard of the cache: a range of dataset indices, or one input tar."""
+
+    number: int
+    start: int = 0
+    stop: int = 0
+    tar: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return SHARD_PATTERN.format(self.number)
+
+
+def _plan_units(dataset: Dataset, shard_size: int) -> list[_Unit]:
+    if isinstance(dataset, ShardDataset):
+        return [_Unit(number, tar=path) for number, path in enumerate(dataset.shards)]
+    size = len(dataset)  # type: ignore[arg-type]
+    return [
+        _Unit(number, start, min(start + shard_size, size))
+        for number, start in enumerate(range(0, size, shard_size))
+    ]
+
+
+def _unit_batches(dataset: Dataset, unit: _Unit, batch_size: int, num_workers: int) -> Iterator[dict]:
+    """Batches of sample dicts of one unit, in a fixed order; bad files are listed in ``skipped``."""
+    if unit.tar is None:
+        subset = Subset(dataset, range(unit.start, unit.stop))
+        yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
+        return
+    # A tar is read once, in file order, decoding with the dataset's own decoder (no flip, epoch 0).
+    from aligntok.data.shards import _read_shard
+
+    assert isinstance(dataset, ShardDataset)
+    pending: list[dict] = []
+    skipped: list[str] = []
+    for position, raw in enumerate(_read_shard(unit.tar)):
+        decoded = dataset._decode(raw, 0)
+        if isinstance(decoded, str):
+            skipped.append(decoded)
+            continue
+        pending.append({**decoded, "index": position, "skipped": []})
+        if len(pending) == batch_size:
+            batch = collate_samples(pending)
+            batch["skipped"], skipped, pending = skipped, [], []
+            yield batch
+    if pending or skipped:
+        batch = collate_samples(pending) if pending else {"image": None}
+        batch["skipped"] = skipped
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CacheResult:
+    """What :func:`cache_latents` did."""
+
+    directory: Path  #: the cache directory
+    metadata: dict[str, Any]  #: the contents of cache.json
+    written_shards: list[int]  #: shards this process encoded in this call (the rest existed or were another rank's)
+
+
+def _encode_unit(
+    tokenizer: Any, dataset: Dataset, unit: _Unit, *, batch_size: int, num_workers: int,
+    latent_shape: tuple[int, int, int], progress: Any,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of one shard and the files skipped in it."""
+    device = next(tokenizer.parameters()).device
+    latents, flipped, labels, indices, skipped = [], [], [], [], []
+    seen = 0  # samples of this unit read so far
+    for batch in _unit_batches(dataset, unit, batch_size, num_workers):
+        skipped.extend(batch["skipped"])
+        if batch["image"] is None:
+            continue
+        index = batch["index"].long()
+        if unit.tar is None:
+            # A bad image is replaced by the next good one, which is cached at its own index anyway:
+            # the replacement is dropped here (no duplicates) and the bad file only counted.
+            keep = index == torch.arange(unit.start + seen, unit.start + seen + len(index))
+        else:
+            keep = torch.ones(len(index), dtype=torch.bool)
+        seen += len(index)
+        progress.update(len(index))
+        if not keep.any():
+            continue
+        images = batch["image"][keep].to(device)
+        with torch.inference_mode():
+            latents.append(tokenizer.encode(images).float().cpu())
+            flipped.append(tokenizer.encode(images.flip(-1)).float().cpu())
+        labels.append(batch["label"][keep].long())
+        indices.append(index[keep])
+    empty = torch.zeros((0, *latent_shape))
+    z = torch.cat(latents) if latents else empty
+    z_flip = torch.cat(flipped) if flipped else empty
+    moments = ChannelMoments.of(z).merge(ChannelMoments.of(z_flip))
+    tensors = {
+        "latents": z.contiguous(),
+        "latents_flip": z_flip.contiguous(),
+        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+        "stat_count": torch.tensor([moments.count], dtype=torch.int64),
+        "stat_mean": moments.mean,
+        "stat_m2": moments.m2,
+    }
+    # A run of bad files is listed by every draw that passed over it: keep each file once.
+    return tensors, list(dict.fromkeys(skipped))
+
+
+def _resolved_spec(data: str) -> str:
+    """Local folders and tars as absolute paths, so that a re-run from another directory matches."""
+    return str(Path(data).resolve()) if os.path.exists(data) else data
+
+
+def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _prepare_directory(out: Path, plan: dict[str, Any]) -> None:
+    """Create the cache directory or check that its shards were made with the same settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp-*"):  # an interrupted shard write
+        stale.unlink()
+    plan_path = out / PLAN_FILE
+    if plan_path.is_file():
+        existing = json.loads(plan_path.read_text())
+        changed = sorted(k for k in set(plan) | set(existing) if plan.get(k) != existing.get(k))
+        if changed:
+            listing = ", ".join(f"{k}: {existing.get(k)!r} -> {plan.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{out} holds a latent cache made with other settings ({listing}); "
+                "use another --out or delete it"
+            )
+    else:
+        _write_json_atomically(plan_path, plan)
+
+
+def _collective(dist: Any, action: Any) -> Any:
+    """Run ``action()`` on rank 0 and hand its result to every rank; a user error is raised on all."""
+    from aligntok.training import distributed
+
+    result, problem = None, None
+    if dist.is_main:
+        try:
+            result = action()
+        except (ValueError, OSError) as e:
+            problem = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+    result, problem = distributed.broadcast_object((result, problem))
+    if problem is not None:
+        raise ValueError(problem)
+    return result
+
+
+def cache_latents(
+    tokenizer_dir: str | os.PathLike,
+    data: str,
+    out_dir: str | os.PathLike,
+    *,
+    resolution: int = 256,
+    batch_size: int = 64,
+    shard_size: int = 10000,
+    num_workers: int = 2,
+    builtin_size: int = 10000,
+    progress: bool = True,
+) -> CacheResult:
+    """Encode every image of ``data`` (plain and flipped) into a sharded cache in ``out_dir``.
+
+    Resumable (finished shards are kept), distributed under torchrun (ranks take disjoint shards), and
+    the per-channel latent mean and std end up in ``cache.json`` and in the tokenizer's own config.
+    ``tokenizer_dir`` must be a local tokenizer directory, since it is updated with the statistics.
+    """
+    from tqdm import tqdm
+
+    from aligntok import __version__
+    from aligntok.eval.provenance import sha256_file
+    from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, AlignTokTokenizer
+    from aligntok.training import distributed
+
+    if batch_size < 1 or shard_size < 1 or num_workers < 0:
+        raise ValueError(f"need batch_size >= 1, shard_size >= 1, num_workers >= 0 (got {batch_size}, {shard_size}, {num_workers})")
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / CONFIG_NAME).is_file() or not (tokenizer_dir / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{tokenizer_dir} is not a local tokenizer directory ({CONFIG_NAME} + {WEIGHTS_NAME}); cache-latents "
+            "writes the latent statistics into it, so download a hub tokenizer to a directory first"
+        )
+    dist = distributed.init_distributed()
+    tokenizer = AlignTokTokenizer.from_pretrained(tokenizer_dir, map_location=dist.device).eval()
+    if resolution <= 0 or resolution % tokenizer.stride:
+        raise ValueError(f"--resolution {resolution} is not a positive multiple of the tokenizer's stride {tokenizer.stride}")
+    side = resolution // tokenizer.stride
+    latent_shape = (tokenizer.latent_channels, side, side)
+    dataset = build_dataset(data, resolution, hflip=False, seed=0, builtin_size=builtin_size)
+    units = _plan_units(dataset, shard_size)
+    if not units:
+        raise ValueError(f"data {data!r} holds no images")
+    out = Path(out_dir)
+    plan = {
+        "format": FORMAT_NAME,
+        "tokenizer_sha256": None,  # filled on rank 0 (one read of the weights)
+        "data": _resolved_spec(data),
+        "resolution": resolution,
+        "builtin_size": builtin_size if data.startswith("builtin:") else None,
+        "shard_size": shard_size if not isinstance(dataset, ShardDataset) else None,
+        "num_shards": len(units),
+        "latent_shape": list(latent_shape),
+    }
+
+    def prepare() -> tuple[dict[str, Any], list[int]]:
+        plan["tokenizer_sha256"] = sha256_file(tokenizer_dir / WEIGHTS_NAME)
+        _prepare_directory(out, plan)
+        return plan, [u.number for u in units if not (out / u.file_name).is_file()]
+
+    plan, missing = _collective(dist, prepare)
+    mine = [units[n] for n in missing[dist.rank :: dist.world_size]]
+    if dist.is_main:
+        log.info("latent cache %s: %d of %d shards to encode on %d rank(s)", out, len(missing), len(units), dist.world_size)
+    total = sum(_unit_size(dataset, u) for u in mine)
+    written: list[int] = []
+    with tqdm(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
+        for unit in mine:
+            tensors, skipped = _encode_unit(
+                tokenizer, dataset, unit, batch_size=batch_size, num_workers=num_workers,
+                latent_shape=latent_shape, progress=bar,
+            )
+            temporary = out / f".{unit.file_name}.tmp-{dist.rank}"
+            save_file(tensors, str(temporary), metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped)})
+            os.replace(temporary, out / unit.file_name)
+            written.append(unit.number)
+    dist.barrier()
+
+    def finish() -> dict[str, Any]:
+        metadata = _summarise(out, units, plan)
+        metadata.update(
+            aligntok_version=__version__,
+            tokenizer=str(tokenizer_dir.resolve()),
+            num_classes=int(getattr(dataset, "num_classes", 0)),
+            class_names=list(getattr(dataset, "class_names", [])),
+        )
+        _write_json_atomically(out / CACHE_FILE, metadata)
+        # Normalisation constants live in the tokenizer's config; reload on the CPU so that exactly the
+        # saved weights are written back.
+        updated = AlignTokTokenizer.from_pretrained(tokenizer_dir)
+        updated.set_latent_stats(metadata["latent_mean"], metadata["latent_std"])
+        updated.save_pretrained(
+            tokenizer_dir,
+            card_extra={"latent statistics": f"{metadata['num_images']} images of {metadata['data']} at {resolution} px"},
+        )
+        return metadata
+
+    metadata = _collective(dist, finish)
+    if dist.is_main:
+        log.info(
+            "latent cache %s: %d images, %d skipped; statistics written to %s",
+            out, metadata["num_images"], metadata["skipped_images"], tokenizer_dir,
+        )
+    return CacheResult(out, metadata, written)
+
+
+def _unit_size(dataset: Dataset, unit: _Unit) -> int:
+    if unit.tar is not None:
+        assert isinstance(dataset, ShardDataset)
+        return dataset.shard_size(unit.tar)
+    return unit.stop - unit.start
+
+
+def _summarise(out: Path, units: list[_Unit], plan: dict[str, Any]) -> dict[str, Any]:
+    """cache.json's contents from the shards on disk: counts, labels, statistics, skipped files."""
+    moments = ChannelMoments.empty(plan["latent_shape"][0])
+    shards: list[dict[str, Any]] = []
+    skipped_files: dict[str, None] = {}  # ordered set: a run of bad files may straddle two shards
+    low, high = None, None
+    for unit in units:
+        path = out / unit.file_name
+        if not path.is_file():
+            raise ValueError(f"shard {path} is missing after encoding; re-run cache-latents to complete the cache")
+        with safe_open(str(path), framework="pt") as shard:
+            part = ChannelMoments(
+                int(shard.get_tensor("stat_count")[0]), shard.get_tensor("stat_mean"), shard.get_tensor("stat_m2")
+            )
+            labels = shard.get_tensor("labels")
+            skipped = json.loads((shard.metadata() or {}).get("skipped", "[]"))
+        moments = moments.merge(part)
+        shards.append({"file": unit.file_name, "images": len(labels)})
+        skipped_files.update(dict.fromkeys(skipped))
+        if len(labels):
+            low = int(labels.min()) if low is None else min(low, int(labels.min()))
+            high = int(labels.max()) if high is None else max(high, int(labels.max()))
+    num_images = sum(s["images"] for s in shards)
+    if num_images == 0:
+        raise ValueError(f"no readable image in {plan['data']} ({len(skipped_files)} skipped): the cache would be empty")
+    std = moments.std
+    if not bool(torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"latent std is not finite and positive in every channel ({std.tolist()}): the tokenizer's latents are degenerate")
+    return {
+        **plan,
+        "num_images": num_images,
+        "label_range": [low, high],
+        "shards": shards,
+        "latent_mean": moments.mean.tolist(),
+        "latent_std": std.tolist(),
+        "statistics": "per channel over every position of the plain and flipped latents, float64; std unbiased",
+        "skipped_images": len(skipped_files),
+        "skipped_files": list(skipped_files)[:MAX_LISTED_SKIPS],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the cache
+# ---------------------------------------------------------------------------------------------
+
+
+def read_cache_metadata(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The cache.json of a finished latent cache, or a one-line error saying what is wrong."""
+    path = Path(cache_dir) / CACHE_FILE
+    if not Path(cache_dir).is_dir():
+        raise FileNotFoundError(f"latent cache {cache_dir} does not exist; make it with aligntok cache-latents")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{cache_dir} is not a finished latent cache (no {CACHE_FILE}); re-run aligntok cache-latents to complete it"
+        )
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an aligntok latent cache (format={document.get('format') if isinstance(document, dict) else None!r})")
+    return document
+
+
+class LatentDataset(Dataset):
+    """A finished latent cache as a map-style dataset of ``{"latent", "latent_flip", "label", "index"}``.
+
+    Items are read lazily from the safetensors shards (each process opens them on first use), so the
+    dataset is cheap to send to DataLoader workers whatever the cache's size.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.directory = Path(cache_dir)
+        self.metadata = read_cache_metadata(cache_dir)
+        self.files = [self.directory / s["file"] for s in self.metadata["shards"]]
+        for path in self.files:
+            if not path.is_file():
+                raise FileNotFoundError(f"latent cache {cache_dir} lacks its shard {path.name}")
+        self.offsets = [0]
+        for shard in self.metadata["shards"]:
+            self.offsets.append(self.offsets[-1] + int(shard["images"]))
+        self.latent_shape: tuple[int, ...] = tuple(self.metadata["latent_shape"])
+        self.num_classes = int(self.metadata["num_classes"])
+        self.latent_mean = torch.tensor(self.metadata["latent_mean"], dtype=torch.float32)
+        self.latent_std = torch.tensor(self.metadata["latent_std"], dtype=torch.float32)
+        self._open: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # open file handles stay in the process that opened them
+
+    def _shard(self, number: int) -> Any:
+        if number not in self._open:
+            self._open[number] = safe_open(str(self.files[number]), framework="pt")
+        return self._open[number]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a latent cache of {len(self)} images")
+        index %= len(self)
+        number = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[number]
+        shard = self._shard(number)
+        return {
+            "latent": shard.get_slice("latents")[row : row + 1][0],
+            "latent_flip": shard.get_slice("latents_flip")[row : row + 1][0],
+            "label": int(shard.get_slice("labels")[row : row + 1][0]),
+            "index": int(shard.get_slice("indices")[row : row + 1][0]),
+        }

@@ -1,0 +1,181 @@
+"""Sampling images from a trained LightningDiT: what ``aligntok sample`` runs.
+
+Sample ``i`` gets label ``i % num_classes`` (class-balanced) unless labels are given, and its own
+noise generator seeded from ``(seed, i)`` (a CPU generator, so the noise does not depend on the
+device). The samples are cut into global batches of ``batch_size`` consecutive indices and batch ``k``
+runs on rank ``k % world_size``: every batch has the same contents and shape whether one process makes
+all of them or several share them, so the N samples come out bitwise identical (given the same device
+kind and, on the CPU, the same number of threads per process).
+
+The latents are de-normalised with the tokenizer's per-channel statistics, decoded, and written as
+``grid.png`` (the first ``grid_max`` samples), ``samples.npz`` (ADM format: uint8 NHWC ``arr_0``,
+labels ``arr_1``) and ``sampling.json`` (every setting). Ranks hand their batches to rank 0 through
+files under ``OUT/.parts`` (so multi-node runs need a shared file system), removed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aligntok.diffusion.samplers import SamplerConfig, sample
+
+GRID_FILE = "grid.png"
+SAMPLES_FILE = "samples.npz"
+SETTINGS_FILE = "sampling.json"
+PARTS_DIR = ".parts"
+_SEED_MASK = (1 << 64) - 1
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """How many samples, of which classes, from which seed, in which batches."""
+
+    num: int = 64  #: number of samples
+    seed: int = 0  #: sample i's noise comes from a generator seeded from (seed, i)
+    labels: list[int] | None = None  #: sample i gets labels[i % len(labels)]; None = i % num_classes (balanced)
+    batch_size: int = 32  #: samples per model call (the same batches whatever the number of processes)
+    grid_max: int = 64  #: the first this-many samples go into grid.png
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  #: method, steps, guidance
+
+    def validate(self) -> None:
+        if self.num < 1 or self.batch_size < 1 or self.grid_max < 1:
+            raise ValueError(f"num, batch_size and grid_max must be >= 1 (got {self.num}, {self.batch_size}, {self.grid_max})")
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels, when given, must hold at least one class")
+        self.sampler.validate()
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Where the samples went (on rank 0; the other ranks get the same paths)."""
+
+    directory: Path
+    samples: Path  #: samples.npz
+    grid: Path  #: grid.png
+    settings: dict[str, Any]  #: the contents of sampling.json
+
+
+def sample_labels(num: int, num_classes: int, labels: Sequence[int] | None = None) -> torch.Tensor:
+    """The label of every sample: ``labels`` repeated, or ``i % num_classes``; checked against the model."""
+    if labels is None:
+        return torch.arange(num, dtype=torch.long) % num_classes
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
+    given = torch.tensor(list(labels), dtype=torch.long)
+    return given[torch.arange(num) % len(given)]
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample ``index``: a pure function of (seed, index)."""
+    state = np.random.SeedSequence([seed & _SEED_MASK, index & _SEED_MASK]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _image_grid(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images tiled row by row into one uint8 HWC image, 2 px black gaps."""
+    from torchvision.utils import make_grid
+
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
+    grid = make_grid(tensor, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=0)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def sample_to_directory(
+    dit: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: SampleConfig | None = None,
+) -> SampleResult:
+    """Sample ``config.num`` images from the DiT in ``dit`` and decode them with ``tokenizer`` into ``out_dir``.
+
+    Runs as one process or under torchrun (every rank calls it); see the module doc for the outputs.
+    """
+    from PIL import Image
+
+    from aligntok import __version__
+    from aligntok.eval.images import save_npz, to_uint8_nhwc
+    from aligntok.models.lightningdit import LightningDiT
+    from aligntok.models.tokenizer import AlignTokTokenizer
+    from aligntok.training import distributed
+
+    config = config or SampleConfig()
+    config.validate()
+    dist = distributed.init_distributed()
+    model = LightningDiT.from_pretrained(dit, device=dist.device).eval()
+    tok = AlignTokTokenizer.from_pretrained(tokenizer, map_location=dist.device).eval()
+    if model.config.in_channels != tok.latent_channels:
+        raise ValueError(
+            f"the DiT makes {model.config.in_channels}-channel latents but tokenizer {tokenizer} has "
+            f"{tok.latent_channels} channels: they were not trained together"
+        )
+    if tok.config.latent_mean is None or tok.config.latent_std is None:
+        raise ValueError(f"tokenizer {tokenizer} has no latent statistics to de-normalise with (run aligntok cache-latents)")
+    labels = sample_labels(config.num, model.num_classes, config.labels)
+    out = Path(out_dir)
+    parts = out / PARTS_DIR
+    if dist.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+    dist.barrier()
+
+    started = time.perf_counter()
+    num_batches = math.ceil(config.num / config.batch_size)
+    for batch in range(dist.rank, num_batches, dist.world_size):
+        indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
+        latents = sample(
+            model,
+            labels[indices.start : indices.stop],
+            config.sampler,
+            generator=[sample_generator(config.seed, i) for i in indices],
+            denormalize=tok.denormalize_latents,
+        )
+        with torch.inference_mode():
+            images = to_uint8_nhwc(tok.decode(latents))
+        temporary = parts / f".batch-{batch:06d}.tmp.npy"
+        np.save(temporary, images)
+        os.replace(temporary, parts / f"batch-{batch:06d}.npy")
+    dist.barrier()
+
+    settings = {
+        "dit": str(dit),
+        "tokenizer": str(tokenizer),
+        "num": config.num,
+        "seed": config.seed,
+        "seeding": "sample i: torch.Generator (CPU) seeded from numpy SeedSequence([seed, i])",
+        "labels": "balanced: i % num_classes" if config.labels is None else f"given, repeated: {list(config.labels)}",
+        "num_classes": model.num_classes,
+        "batch_size": config.batch_size,
+        "sampler": dataclasses.asdict(config.sampler),
+        "latent_shape": [model.config.in_channels, model.config.input_size, model.config.input_size],
+        "latent_mean": list(tok.config.latent_mean),
+        "latent_std": list(tok.config.latent_std),
+        "world_size": dist.world_size,
+        "device": str(dist.device),
+        "seconds": None,  # filled below
+        "aligntok_version": __version__,
+    }
+    result = SampleResult(out, out / SAMPLES_FILE, out / GRID_FILE, settings)
+    if dist.is_main:
+        images = np.concatenate([np.load(parts / f"batch-{b:06d}.npy") for b in range(num_batches)])
+        settings["image_size"] = list(images.shape[1:3])
+        settings["seconds"] = round(time.perf_counter() - started, 3)
+        temporary = out / ".samples.tmp.npz"
+        save_npz(images, temporary, labels.numpy())
+        os.replace(temporary, result.samples)
+        Image.fromarray(_image_grid(images[: config.grid_max])).save(result.grid)
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        shutil.rmtree(parts, ignore_errors=True)
+    dist.barrier()
+    return result

@@ -1,0 +1,702 @@
+"""The library side of ``aligntok evaluate recon|gen|probe``: datasets in, JSON-ready results out.
+
+* :func:`evaluate_reconstruction` streams a data spec through a tokenizer and measures PSNR, SSIM,
+  LPIPS and rFID with :class:`aligntok.eval.ReconMetrics`. The references are exactly the tokenizer's
+  inputs (the data layer's ADM center crop at ``resolution``), and every metric sees both sides
+  through the one uint8 conversion. Under torchrun each rank reads a disjoint slice of the selected
+  images (no padding, no duplicates) and the metrics are combined across ranks.
+* :func:`evaluate_tokenizer_probe` pools the tokenizer's latents for a linear probe and compares
+  them with its own foundation encoder's (pre-adapter) features by CKNNA.
+* ``aligntok evaluate gen`` calls :func:`aligntok.eval.evaluate_generation` directly.
+* :func:`write_result` / :func:`summarize` / :func:`default_output_path`: the JSON file (strict JSON,
+  written atomically by rank 0) and the short human summary every command prints.
+
+Which images are evaluated (:func:`select_images`): all of the dataset, or with ``num`` a seeded
+random subset of a map-style dataset (an image folder's first N files would be its first classes),
+read in dataset order. Unreadable images are not replaced by their neighbours (that would count an
+image twice): they are skipped, counted and listed. WebDataset shards are read one epoch per reader
+(one reader per rank and DataLoader worker); with ``num`` below the dataset size each reader
+contributes its share, so that subset depends on the number of processes and workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from aligntok.data import ShardDataset, build_dataset, collate_samples
+from aligntok.data.loader import epoch_permutation
+from aligntok.eval.features import FeatureNetwork, load_inception
+from aligntok.eval.probe import average_pool, cknna, evaluate_probe
+from aligntok.eval.provenance import build_provenance, sha256_file
+from aligntok.eval.recon import LPIPS_NETS, LPIPSMetric, ReconMetrics
+from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
+from aligntok.training.distributed import (
+    DistInfo,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+)
+
+log = logging.getLogger(__name__)
+
+#: The ImageNet reconstruction protocol: 50,000 validation images at 256 px.
+IMAGENET_RECON_IMAGES = 50_000
+IMAGENET_RECON_RESOLUTION = 256
+#: Skipped-image messages kept in a result (the count is always exact).
+MAX_LISTED_SKIPPED = 100
+#: Marker keys added to every sample read for evaluation.
+_KEY, _BAD = "eval_key", "eval_bad_input"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which images an evaluation reads
+# ---------------------------------------------------------------------------------------------
+
+
+def _mark(sample: dict, key: int) -> dict:
+    """A sample with its selection key and, when it replaces an unreadable image, that image's name."""
+    return {**sample, _KEY: key, _BAD: sample["skipped"][0] if sample["skipped"] else ""}
+
+
+class _SelectedImages(Dataset):
+    """The images of a map-style dataset at ``positions`` (the key of each is its position)."""
+
+    def __init__(self, dataset: Dataset, positions: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int) -> dict:
+        position = self.positions[item]
+        return _mark(self.dataset[position], position)
+
+
+class _SelectedShardSamples(IterableDataset):
+    """This rank's share of one epoch of shards: reader i yields its first ``quotas[i]`` samples.
+
+    Readers are numbered ``rank * workers + worker`` out of ``world_size * workers``, as in
+    :func:`aligntok.data.build_loader`; a sample's key is ``reader * stride + position``.
+    """
+
+    def __init__(self, dataset: ShardDataset, quotas: Sequence[int], *, rank: int, workers: int, stride: int) -> None:
+        self.dataset = dataset
+        self.quotas = list(quotas)
+        self.rank = rank
+        self.workers = workers
+        self.stride = stride
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise ValueError(f"shard selection made for {self.workers} workers is read by {workers}")
+        reader = self.rank * workers + worker
+        stream = self.dataset.reader_stream(reader, len(self.quotas), self.dataset.seed)
+        for position, sample in enumerate(islice(stream, self.quotas[reader])):
+            yield _mark(sample, reader * self.stride + position)
+
+
+@dataclasses.dataclass
+class ImageSelection:
+    """The images an evaluation reads: over all ranks, and this rank's share as a dataset."""
+
+    dataset: Dataset  #: this rank's images as sample dicts (a map-style subset or a shard stream)
+    keys: list[int]  #: the key of every selected image, all ranks (positions; for shards reader*stride+i)
+    per_rank: list[int]  #: selected images on each rank
+    available: int  #: images in the whole dataset
+    order: str  #: how the images were chosen, for the provenance
+
+    @property
+    def num_selected(self) -> int:
+        return len(self.keys)
+
+
+def _proportional_split(total: int, weights: Sequence[int]) -> list[int]:
+    """Integers summing to ``total`` in proportion to ``weights`` (largest remainders), each <= its weight."""
+    whole = sum(weights)
+    shares = [total * w // whole for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def select_images(
+    dataset: Dataset, num: int | None, *, rank: int, world_size: int, seed: int = 0, num_workers: int = 0
+) -> ImageSelection:
+    """Choose ``num`` images (all when None) of ``dataset`` and this rank's disjoint share of them."""
+    if num is not None and num < 1:
+        raise ValueError(f"--num must be positive, got {num}")
+    if isinstance(dataset, ShardDataset):
+        workers = max(1, num_workers)
+        readers = world_size * workers
+        lengths = [dataset.reader_epoch_length(reader, readers) for reader in range(readers)]
+        available = sum(lengths)
+        wanted = _check_count(num, available, dataset.source)
+        quotas = _proportional_split(wanted, lengths)
+        stride = max(lengths)
+        keys = [reader * stride + i for reader, quota in enumerate(quotas) for i in range(quota)]
+        order = f"one epoch of the shard stream (seed {dataset.seed}) over {readers} readers"
+        if wanted < available:
+            order += ", each reader's first images in proportion to its share (depends on processes and workers)"
+        return ImageSelection(
+            dataset=_SelectedShardSamples(dataset, quotas, rank=rank, workers=workers, stride=stride),
+            keys=keys,
+            per_rank=[sum(quotas[r * workers : (r + 1) * workers]) for r in range(world_size)],
+            available=available,
+            order=order,
+        )
+    available = len(dataset)
+    wanted = _check_count(num, available, getattr(dataset, "source", type(dataset).__name__))
+    if wanted < available:
+        positions = sorted(epoch_permutation(available, seed, 0)[:wanted].tolist())
+        order = f"seeded random subset (seed {seed}) of {available} images, read in dataset order"
+    else:
+        positions = list(range(available))
+        order = "all images, in dataset order"
+    return ImageSelection(
+        dataset=_SelectedImages(dataset, positions[rank::world_size]),
+        keys=positions,
+        per_rank=[len(positions[r::world_size]) for r in range(world_size)],
+        available=available,
+        order=order,
+    )
+
+
+def _check_count(num: int | None, available: int, source: str) -> int:
+    if available == 0:
+        raise ValueError(f"{source}: the dataset holds no images")
+    if num is not None and num > available:
+        raise ValueError(f"--num {num} is more than the {available} images of {source}")
+    return available if num is None else num
+
+
+def _batches(selection: ImageSelection, batch_size: int, num_workers: int) -> DataLoader:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+    return DataLoader(
+        selection.dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _good(batch: dict) -> tuple[torch.Tensor, list[str]]:
+    """(mask of the samples that are themselves readable images, names of the unreadable ones)."""
+    bad = batch[_BAD]
+    return torch.tensor([not name for name in bad], dtype=torch.bool), [name for name in bad if name]
+
+
+def _gather_skipped(skipped: list[str]) -> list[str]:
+    """Every rank's skipped-image messages, on every rank."""
+    parts = gather_objects(skipped)
+    return broadcast_object([m for part in parts for m in part] if parts is not None else None)
+
+
+def _check_every_rank_has_images(selection: ImageSelection, source: str) -> None:
+    empty = [rank for rank, count in enumerate(selection.per_rank) if count == 0]
+    if empty:
+        raise ValueError(
+            f"{selection.num_selected} images of {source} cannot be split over {len(selection.per_rank)} "
+            f"processes (rank {empty[0]} would get none): use more images or fewer processes"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+#: A tokenizer argument: a saved directory, a Hub id, or a loaded model (encode/decode/stride/latent_channels).
+TokenizerSource = str | os.PathLike | nn.Module
+
+
+def _load_tokenizer(tokenizer: TokenizerSource, device: torch.device) -> nn.Module:
+    # from_pretrained reads config.json's method, so the baselines' tokenizers load here too.
+    model = tokenizer if isinstance(tokenizer, nn.Module) else AlignTokTokenizer.from_pretrained(tokenizer)
+    return model.to(device).eval()
+
+
+def describe_tokenizer(tokenizer: TokenizerSource, model: nn.Module) -> dict[str, Any]:
+    """Provenance entry of a tokenizer: where it came from, its shape, and its weights' sha256."""
+    info: dict[str, Any] = {
+        "name": f"{getattr(model, 'method', 'aligntok')}-tokenizer",
+        "trained_with": getattr(model.config, "trained_with", getattr(model, "method", None)),
+        "source": None if isinstance(tokenizer, nn.Module) else str(tokenizer),
+        "encoder": getattr(model.config, "encoder", None),
+        "latent_channels": model.latent_channels,
+        "stride": model.stride,
+        "weights": None,
+        "weights_sha256": None,
+    }
+    if not isinstance(tokenizer, nn.Module) and (Path(tokenizer) / WEIGHTS_NAME).is_file():
+        weights = Path(tokenizer) / WEIGHTS_NAME
+        info["weights"], info["weights_sha256"] = str(weights), sha256_file(weights)
+    return info
+
+
+def _check_resolution(resolution: int, model: nn.Module) -> None:
+    if resolution <= 0 or resolution % model.stride:
+        raise ValueError(f"--resolution {resolution} is not a positive multiple of the tokenizer's stride {model.stride}")
+
+
+def _device(dist: DistInfo, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else dist.device
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate recon
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_reconstruction(
+    tokenizer: TokenizerSource,
+    data: str,
+    *,
+    resolution: int = IMAGENET_RECON_RESOLUTION,
+    num: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    seed: int = 0,
+    lpips_net: str | None = "vgg",
+    lpips_backbone_weights: str | os.PathLike | None = None,
+    lpips_pretrained_backbone: bool = True,
+    rfid: bool = True,
+    inception: FeatureNetwork | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    allow_download: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """PSNR, SSIM, LPIPS and rFID of ``tokenizer`` over the images of the data spec ``data``.
+
+    ``num``: images to evaluate (all when None; a seeded random subset of ``seed`` otherwise; for
+    ``builtin:`` data, the dataset's size). ``lpips_net``: "vgg" (the protocol's), "alex" or None (no
+    LPIPS); its trunk weights come from ``lpips_backbone_weights`` or torchvision's cache, or are a
+    seeded random trunk with ``lpips_pretrained_backbone=False`` (tests and demos only). ``rfid``:
+    Inception statistics of originals and reconstructions from ``inception`` or the weights file /
+    torch-fidelity's cache. Call on every rank under torchrun; every rank returns the same result.
+    """
+    dist = init_distributed()
+    device = _device(dist, device)
+    if lpips_net is not None and lpips_net not in LPIPS_NETS:
+        raise ValueError(f"--lpips {lpips_net!r} is not one of {', '.join(LPIPS_NETS)}, none")
+    dataset = build_dataset(data, resolution, builtin_size=num or 10_000)
+    selection = select_images(dataset, num, rank=dist.rank, world_size=dist.world_size, seed=seed,
+                              num_workers=num_workers)
+    if rfid:
+        _check_every_rank_has_images(selection, data)  # rFID statistics are combined from every rank
+    # Feature networks first: a missing weights file should fail before any image is read.
+    lpips = None
+    if lpips_net is not None:
+        lpips = LPIPSMetric(lpips_net, pretrained_backbone=lpips_pretrained_backbone,
+                            backbone_weights=lpips_backbone_weights, allow_download=allow_download).to(device)
+    if rfid and inception is None:
+        inception = load_inception(inception_weights, allow_download=allow_download)
+    inception = inception.to(device) if rfid and inception is not None else None
+    model = _load_tokenizer(tokenizer, device)
+    _check_resolution(resolution, model)
+
+    metrics = ReconMetrics(lpips=lpips, inception=inception)
+    skipped: list[str] = []
+    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon", unit="img")
+    with bar, torch.inference_mode():
+        for batch in _batches(selection, batch_size, num_workers):
+            good, bad = _good(batch)
+            skipped += bad
+            if good.any():
+                x = batch["image"][good].to(device, non_blocking=True)
+                metrics.update(x, model.decode(model.encode(x)))
+            bar.update(len(good))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = metrics.compute()
+    skipped = _gather_skipped(skipped)
+    for message in skipped[:MAX_LISTED_SKIPPED]:
+        log.warning("skipped unreadable image %s", message)
+
+    notes = []
+    if rfid and (result["num_images"] != IMAGENET_RECON_IMAGES or resolution != IMAGENET_RECON_RESOLUTION):
+        notes.append(
+            f"{result['num_images']} images at {resolution} px: rFID depends on both; published ImageNet numbers "
+            f"use {IMAGENET_RECON_IMAGES:,} validation images at {IMAGENET_RECON_RESOLUTION} px"
+        )
+    if lpips is not None and not lpips.describe()["pretrained_backbone"]:
+        notes.append("LPIPS used a random trunk: comparable only with runs of the same random trunk")
+    result.update(
+        num_skipped=len(skipped),
+        skipped=skipped[:MAX_LISTED_SKIPPED],
+        notes=notes,
+        warnings=sorted({str(w.message) for w in caught}),
+    )
+    result["provenance"] = build_provenance(
+        num_samples=result["num_images"],
+        reference={
+            "data": data,
+            "resolution": resolution,
+            "crop": "ADM center crop (box-filter halving, bicubic resize of the short side, center crop)",
+            "images_in_dataset": selection.available,
+            "images_selected": selection.num_selected,
+            "selection": selection.order,
+            "num_skipped": len(skipped),
+        },
+        feature_networks=[describe_tokenizer(tokenizer, model), *metrics.networks()],
+        settings={
+            "protocol": "references are the tokenizer's inputs; both sides quantised to uint8 (round, clamp) "
+            "before every metric",
+            "psnr": "per image over all pixels and channels (data range 255), averaged over images",
+            "ssim": "Gaussian 11x11 window, sigma 1.5, K=(0.01, 0.03), no padding, per image, averaged",
+            "lpips": f"lpips v0.1, {lpips_net} trunk" if lpips_net is not None else None,
+            "rfid": "Inception pool_3 (2048-d) of originals vs reconstructions" if rfid else None,
+            "batch_size": batch_size,
+            "world_size": dist.world_size,
+            "seed": seed,
+        },
+        device=device,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate probe
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _PooledFeatures:
+    """Spatially pooled features of the images of a selection, ordered by selection key."""
+
+    keys: torch.Tensor  #: (N,) selection keys
+    latents: torch.Tensor  #: (N, C) pooled latents
+    labels: torch.Tensor  #: (N,) class labels
+    encoder_keys: torch.Tensor  #: (M,) keys of the images whose encoder features were kept
+    encoder: torch.Tensor  #: (M, hidden) pooled pre-adapter encoder features
+    skipped: list[str]  #: unreadable images, all ranks
+
+
+def _pooled_features(
+    model: nn.Module,
+    selection: ImageSelection,
+    *,
+    encoder_keys: set[int],
+    dist: DistInfo,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> _PooledFeatures | None:
+    """Pool the latents (and, for ``encoder_keys``, the encoder features) on every rank; gather on rank 0."""
+    keys, latents, labels, enc_keys, enc_features, skipped = [], [], [], [], [], []
+    has_encoder = callable(getattr(model, "features", None))
+    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc, unit="img")
+    with bar, torch.inference_mode():
+        for batch in _batches(selection, batch_size, num_workers):
+            good, bad = _good(batch)
+            skipped += bad
+            bar.update(len(good))
+            if not good.any():
+                continue
+            x = batch["image"][good].to(device, non_blocking=True)
+            # AlignTok tokenizers expose the encoder's features before the adapter; baselines have none.
+            pre, latent = model.features(x) if has_encoder else (None, model.encode(x))
+            batch_keys = batch[_KEY][good]
+            keys.append(batch_keys)
+            latents.append(average_pool(latent).float().cpu())
+            labels.append(batch["label"][good])
+            if pre is not None:
+                wanted = torch.tensor([int(k) in encoder_keys for k in batch_keys], dtype=torch.bool)
+                enc_keys.append(batch_keys[wanted])
+                enc_features.append(average_pool(pre[wanted.to(pre.device)]).float().cpu())
+    local = (keys, latents, labels, enc_keys, enc_features, skipped)
+    parts = gather_objects(local)
+    if parts is None:
+        return None
+
+    def joined(index: int, empty: torch.Tensor) -> torch.Tensor:
+        pieces = [piece for part in parts for piece in part[index]]
+        return torch.cat(pieces) if pieces else empty
+
+    all_keys = joined(0, torch.zeros(0, dtype=torch.long))
+    order = torch.argsort(all_keys)
+    all_enc_keys = joined(3, torch.zeros(0, dtype=torch.long))
+    enc_order = torch.argsort(all_enc_keys)
+    return _PooledFeatures(
+        keys=all_keys[order],
+        latents=joined(1, torch.zeros(0, model.latent_channels))[order],
+        labels=joined(2, torch.zeros(0, dtype=torch.long))[order],
+        encoder_keys=all_enc_keys[enc_order],
+        encoder=joined(4, torch.zeros(0, 0))[enc_order],
+        skipped=[message for part in parts for message in part[5]],
+    )
+
+
+_NEEDS_LABELS = "a linear probe needs labelled data (class subfolders, or 'cls' entries in shards)"
+
+
+def _check_has_classes(dataset: Dataset, source: str) -> None:
+    """Fail before reading any image when a dataset says it has no classes (shards may not know)."""
+    if not isinstance(dataset, ShardDataset) and getattr(dataset, "num_classes", None) == 0:
+        raise ValueError(f"{source}: images without class labels; {_NEEDS_LABELS}")
+
+
+def _check_labels(features: _PooledFeatures, source: str) -> None:
+    if len(features.labels) == 0:
+        raise ValueError(f"{source}: no readable images to probe")
+    if (features.labels < 0).any():
+        raise ValueError(f"{source}: images without class labels; {_NEEDS_LABELS}")
+
+
+def evaluate_tokenizer_probe(
+    tokenizer: TokenizerSource,
+    data: str,
+    *,
+    test_data: str | None = None,
+    resolution: int = 256,
+    num: int | None = None,
+    test_num: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    weight_decay: float = 1e-4,
+    cknna_k: int = 10,
+    cknna_samples: int = 10_000,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear-probe accuracy on average-pooled latents, and CKNNA(latents, pre-adapter encoder features).
+
+    The probe trains on ``data`` and tests on ``test_data`` (for ``builtin:`` data drawn with another
+    seed, so it is held out) or, without it, on a seeded ``test_fraction`` split of ``data``. CKNNA
+    uses a seeded random subset of at most ``cknna_samples`` images of ``data``. Call on every rank
+    under torchrun; the probe runs on rank 0 and every rank returns its result.
+    """
+    dist = init_distributed()
+    device = _device(dist, device)
+    if cknna_samples < 4:
+        raise ValueError(f"--cknna-samples must be at least 4, got {cknna_samples}")
+    train_set = build_dataset(data, resolution, builtin_size=num or 10_000, seed=seed)
+    _check_has_classes(train_set, data)
+    selection = select_images(train_set, num, rank=dist.rank, world_size=dist.world_size, seed=seed,
+                              num_workers=num_workers)
+    test_selection = None
+    if test_data is not None:
+        test_set = build_dataset(test_data, resolution, builtin_size=test_num or 10_000, seed=seed + 1)
+        _check_has_classes(test_set, test_data)
+        test_selection = select_images(test_set, test_num, rank=dist.rank, world_size=dist.world_size, seed=seed,
+                                       num_workers=num_workers)
+    model = _load_tokenizer(tokenizer, device)
+    _check_resolution(resolution, model)
+
+    subset_order = torch.randperm(selection.num_selected, generator=torch.Generator().manual_seed(seed))
+    cknna_keys = {selection.keys[i] for i in subset_order[:cknna_samples].tolist()}
+    options = {"dist": dist, "device": device, "batch_size": batch_size, "num_workers": num_workers,
+               "progress": progress}
+    train = _pooled_features(model, selection, encoder_keys=cknna_keys, desc="probe (train)", **options)
+    test = None
+    if test_selection is not None:
+        test = _pooled_features(model, test_selection, encoder_keys=set(), desc="probe (test)", **options)
+
+    # The probe runs on rank 0; its result or its error reaches every rank, so none waits forever.
+    outcome: dict[str, Any] = {}
+    if dist.is_main:
+        try:
+            outcome["result"] = _probe_on_main(
+                model, tokenizer, data, test_data, selection, test_selection, train, test,
+                resolution=resolution, seed=seed, test_fraction=test_fraction, weight_decay=weight_decay,
+                cknna_k=cknna_k, device=device,
+            )
+        except ValueError as e:
+            outcome["error"] = str(e)
+    outcome = broadcast_object(outcome)
+    if "error" in outcome:
+        raise ValueError(outcome["error"])
+    return outcome["result"]
+
+
+def _probe_on_main(
+    model: nn.Module,
+    tokenizer: TokenizerSource,
+    data: str,
+    test_data: str | None,
+    selection: ImageSelection,
+    test_selection: ImageSelection | None,
+    train: _PooledFeatures,
+    test: _PooledFeatures | None,
+    *,
+    resolution: int,
+    seed: int,
+    test_fraction: float,
+    weight_decay: float,
+    cknna_k: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    _check_labels(train, data)
+    if test is not None:
+        _check_labels(test, str(test_data))
+    result = evaluate_probe(
+        train.latents,
+        train.labels,
+        test_latents=test.latents if test is not None else None,
+        test_labels=test.labels if test is not None else None,
+        test_fraction=test_fraction,
+        seed=seed,
+        weight_decay=weight_decay,
+        tokenizer=describe_tokenizer(tokenizer, model),
+        dataset={
+            "data": data,
+            "test_data": test_data,
+            "resolution": resolution,
+            "crop": "ADM center crop",
+            "images_in_dataset": selection.available,
+            "selection": selection.order,
+            "test_selection": test_selection.order if test_selection is not None else None,
+        },
+        device=device,
+    )
+    # CKNNA on its own subset (evaluate_probe would need every image's encoder features in memory).
+    encoder_rows = torch.searchsorted(train.keys, train.encoder_keys)
+    cknna_value, cknna_note = None, None
+    if not callable(getattr(model, "features", None)):
+        cknna_note = "not computed: the tokenizer has no foundation encoder"
+    elif len(train.encoder_keys) < max(4, cknna_k + 2):
+        cknna_note = f"not computed: needs at least k+2={cknna_k + 2} images"
+    else:
+        cknna_value = cknna(train.latents[encoder_rows], train.encoder, k=cknna_k, device=device)
+    result["cknna"] = cknna_value
+    skipped = train.skipped + (test.skipped if test is not None else [])
+    result.update(
+        num_images=len(train.latents),
+        num_test_images=len(test.latents) if test is not None else None,
+        num_skipped=len(skipped),
+        skipped=skipped[:MAX_LISTED_SKIPPED],
+    )
+    result["provenance"]["settings"].update(
+        latents="tokenizer latents (after the adapter), spatial mean",
+        cknna_between="pooled latents vs the tokenizer's own foundation-encoder features before the adapter",
+        cknna_k=cknna_k,
+        cknna_samples=len(train.encoder_keys),
+        cknna_kernel="inner product of L2-normalised pooled features",
+    )
+    if cknna_note is not None:
+        result["notes"] = [f"cknna {cknna_note}"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def default_output_path(source: str | os.PathLike, kind: str) -> Path:
+    """``SOURCE.eval-KIND.json`` beside a local file or directory (e.g. ``runs/x/stage3.eval-recon.json``)."""
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source} is not a local file or directory: pass --out FILE.json")
+    name = path.stem if path.is_file() else path.resolve().name
+    return path.resolve().parent / f"{name}.eval-{kind}.json"
+
+
+def _strict_json(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become null (JSON has no inf/nan), numpy scalars Python ones."""
+    if isinstance(value, Mapping):
+        return {str(key): _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``result`` as strict JSON, atomically (a reader never sees half a file).
+
+    Non-finite numbers (e.g. the PSNR of identical images, inf) are written as null and listed
+    under ``non_finite`` with their value.
+    """
+    path = Path(path)
+    document = dict(result)
+    non_finite = {
+        key: str(value) for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)
+    }
+    if non_finite:
+        document["non_finite"] = non_finite
+    text = json.dumps(_strict_json(document), indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
+
+
+def _number(value: Any, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def summarize(kind: str, result: Mapping[str, Any]) -> str:
+    """A few human-readable lines for ``kind`` in recon, gen, probe."""
+    if kind == "recon":
+        lines = [
+            f"recon: {result['num_images']} images ({result['num_skipped']} skipped)",
+            (
+                f"  PSNR {_number(result['psnr'], 3)} dB  SSIM {_number(result['ssim'], 4)}  "
+                f"LPIPS {_number(result['lpips'], 4)}  rFID {_number(result['rfid'], 4)}"
+            ),
+        ]
+    elif kind == "gen":
+        lines = [
+            f"gen: {result['num_samples']} samples vs {result['num_reference_images'] or 'precomputed'} references",
+            (
+                f"  FID {_number(result['fid'], 4)}  IS {_number(result['inception_score'], 3)}  "
+                f"precision {_number(result['precision'], 4)}  recall {_number(result['recall'], 4)}  "
+                f"FD_DINOv2 {_number(result.get('fd_dinov2'), 4)}"
+            ),
+        ]
+    elif kind == "probe":
+        lines = [
+            (
+                f"probe: {result['num_images']} train images, {result['num_classes']} classes "
+                f"({result['num_skipped']} skipped)"
+            ),
+            (
+                f"  linear probe {_number(100 * result['linear_probe_accuracy'], 2)}% "
+                f"(chance {_number(100 * result['chance_accuracy'], 2)}%)  CKNNA {_number(result['cknna'], 4)}"
+            ),
+        ]
+    else:
+        raise ValueError(f"unknown evaluation kind {kind!r}")
+    lines += [f"  note: {note}" for note in result.get("notes", [])]
+    lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
+    return "\n".join(lines)
