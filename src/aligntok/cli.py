@@ -12,12 +12,12 @@ from aligntok import __version__
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from aligntok.config import load_config, save_config
-    from aligntok.training.stages import STAGES, TokenizerTrainConfig, train_tokenizer
+    from aligntok.training.stages import TokenizerTrainConfig, train_tokenizer
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.out / "config.yaml")
-    stages = (args.stage,) if args.stage else tuple(STAGES)
+    stages = (args.stage,) if args.stage else None  # None: every stage of the config's method
     for number, path in train_tokenizer(cfg, args.out, stages).items():
         print(f"stage {number}: {path}")
 
@@ -273,6 +273,9 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m aligntok.cli -- COMMAND ...` keeps torchrun off our options
+        argv = argv[1:]
     # key=value overrides may stand anywhere after the subcommand, also after its options.
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if a.startswith("-") or "=" not in a]

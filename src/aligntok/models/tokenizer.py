@@ -9,6 +9,11 @@
 A saved tokenizer is a directory with config.json (this tokenizer's config and the encoder's
 transformers config, so loading needs no network), model.safetensors (every weight, the fine-tuned
 encoder included) and a README.md model card. Latent normalisation statistics live in the config.
+
+What every tokenizer shares (the CNN decoder, input checks, latent statistics, save/load, the model
+card) lives in :class:`LatentTokenizer`; the baselines of :mod:`aligntok.models.baselines` (a plain
+VAE and a VA-VAE-style VAE) subclass it too. ``config.json`` names the tokenizer's ``method``, and
+``from_pretrained`` on any of these classes loads whichever tokenizer a directory holds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -44,6 +49,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_NAME = "aligntok-tokenizer"
+ALIGNTOK_METHOD = "aligntok"  #: ``method`` of an AlignTok tokenizer in config.json (and of files saved before the key)
 MAX_ABS_INPUT = 1.5  # inputs beyond this are surely not scaled to [-1, 1]
 
 
@@ -78,45 +84,56 @@ class TokenizerConfig:
             raise ConfigError(f"encoder='random' is a DINOv2; encoder_kind={self.encoder_kind!r} does not fit")
         if self.latent_channels <= 0 or self.adapter_hidden <= 0:
             raise ConfigError("latent_channels and adapter_hidden must be positive")
-        if (self.latent_mean is None) != (self.latent_std is None):
-            raise ConfigError("latent_mean and latent_std must be set together")
-        if self.latent_mean is not None and self.latent_std is not None:
-            if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
-                raise ConfigError(
-                    f"latent_mean/latent_std have {len(self.latent_mean)}/{len(self.latent_std)} entries, "
-                    f"expected latent_channels={self.latent_channels}"
-                )
-            if not all(math.isfinite(s) and s > 0 for s in self.latent_std):
-                raise ConfigError("latent_std entries must be finite and positive")
-            if not all(math.isfinite(m) for m in self.latent_mean):
-                raise ConfigError("latent_mean entries must be finite")
+        validate_latent_stats(self.latent_mean, self.latent_std, self.latent_channels)
 
 
-class AlignTokTokenizer(nn.Module):
-    """Foundation encoder + adapter + CNN decoder. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+def validate_latent_stats(mean: list[float] | None, std: list[float] | None, latent_channels: int) -> None:
+    """One-line ConfigError unless the per-channel latent statistics are unset or complete and sane."""
+    if (mean is None) != (std is None):
+        raise ConfigError("latent_mean and latent_std must be set together")
+    if mean is None or std is None:
+        return
+    if len(mean) != latent_channels or len(std) != latent_channels:
+        raise ConfigError(
+            f"latent_mean/latent_std have {len(mean)}/{len(std)} entries, expected latent_channels={latent_channels}"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ConfigError("latent_std entries must be finite and positive")
+    if not all(math.isfinite(m) for m in mean):
+        raise ConfigError("latent_mean entries must be finite")
 
-    def __init__(self, config: TokenizerConfig, encoder: FoundationEncoder) -> None:
+
+def build_foundation_encoder(config: TokenizerConfig) -> FoundationEncoder:
+    """The encoder ``config.encoder`` names (pretrained, or a random DINOv2), laid out for the decoder's stride.
+
+    AlignTok starts from it; the VA-VAE baseline aligns its latent to it (frozen).
+    """
+    config.validate()
+    stride = config.decoder.stride
+    if config.encoder == RANDOM_ENCODER:
+        return build_random_encoder(config.random_encoder, stride=stride)
+    return load_encoder(config.encoder, kind=config.encoder_kind, stride=stride)
+
+
+class LatentTokenizer(nn.Module):
+    """What every aligntok tokenizer shares: the CNN decoder, input checks, latent statistics, save/load.
+
+    A subclass sets :attr:`method` (written to config.json) and :attr:`parts` (its trainable parts, which
+    the training stages freeze or train), builds its encoder side and the ``decoder`` in ``__init__``, and
+    implements :meth:`encode`, :meth:`_from_document` and :meth:`_card_summary`. Its config is a dataclass
+    with ``latent_channels``, ``decoder`` (a :class:`DecoderConfig`), ``latent_mean`` and ``latent_std``.
+    """
+
+    method: ClassVar[str]  #: written to config.json; selects the class that loads the directory
+    parts: ClassVar[tuple[str, ...]]  #: names of the submodules a training stage trains or freezes
+    decoder: LatentDecoder
+
+    def __init__(self, config: Any) -> None:
         super().__init__()
         config.validate()
-        if encoder.stride != config.decoder.stride:
-            raise ValueError(f"encoder stride {encoder.stride} differs from the decoder's {config.decoder.stride}")
         self.config = config
-        self.encoder = encoder
-        self.adapter = Adapter(encoder.hidden_size, config.adapter_hidden, config.latent_channels)
-        self.decoder = LatentDecoder(config.latent_channels, config.decoder)
 
     # ------------------------------------------------------------------------------------------ building
-
-    @classmethod
-    def from_config(cls, config: TokenizerConfig) -> AlignTokTokenizer:
-        """A new tokenizer: the pretrained encoder named by ``config.encoder`` (or a random one), fresh adapter and decoder."""
-        config.validate()
-        stride = config.decoder.stride
-        if config.encoder == RANDOM_ENCODER:
-            encoder = build_random_encoder(config.random_encoder, stride=stride)
-        else:
-            encoder = load_encoder(config.encoder, kind=config.encoder_kind, stride=stride)
-        return cls(config, encoder)
 
     @property
     def stride(self) -> int:
@@ -127,9 +144,7 @@ class AlignTokTokenizer(nn.Module):
         return self.config.latent_channels
 
     def parameter_counts(self) -> dict[str, int]:
-        return {
-            name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("encoder", "adapter", "decoder")
-        }
+        return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in self.parts}
 
     # ----------------------------------------------------------------------------------- encode / decode
 
@@ -149,15 +164,9 @@ class AlignTokTokenizer(nn.Module):
         if not (math.isfinite(low) and math.isfinite(high)) or low < -MAX_ABS_INPUT or high > MAX_ABS_INPUT:
             raise ValueError(f"image values span [{low:.3g}, {high:.3g}]; scale images to [-1, 1] (e.g. x / 127.5 - 1)")
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder features before the adapter (B, hidden, h, w) and after it (the latent, B, C, h, w)."""
-        self.check_images(x)
-        pre = self.encoder(x)
-        return pre, self.adapter(pre)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]."""
-        return self.features(x)[1]
+        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]; deterministic."""
+        raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents."""
@@ -217,8 +226,13 @@ class AlignTokTokenizer(nn.Module):
     @classmethod
     def from_pretrained(
         cls, dir_or_hub_id: str | os.PathLike, *, map_location: str | torch.device = "cpu"
-    ) -> AlignTokTokenizer:
-        """Load a tokenizer saved by :meth:`save_pretrained` from a directory or a Hugging Face hub repo."""
+    ) -> LatentTokenizer:
+        """Load a tokenizer saved by :meth:`save_pretrained` from a directory or a Hugging Face hub repo.
+
+        The directory's config.json names the tokenizer's method, which picks the class: an AlignTok
+        directory gives an :class:`AlignTokTokenizer`, a baseline's a ``VAETokenizer``, whichever of these
+        classes this is called on.
+        """
         directory = _resolve_directory(str(dir_or_hub_id))
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
@@ -230,10 +244,8 @@ class AlignTokTokenizer(nn.Module):
             raise TokenizerNotFoundError(
                 f"{config_path} is not an aligntok tokenizer config (format={document.get('format')!r})"
             )
-        config = config_from_dict(TokenizerConfig, document["tokenizer"])
-        encoder_doc = document["encoder"]
-        encoder = build_encoder_from_config(encoder_doc["kind"], encoder_doc["hf_config"], stride=config.decoder.stride)
-        tokenizer = cls(config, encoder)
+        # Directories written before the key existed are AlignTok tokenizers.
+        tokenizer = tokenizer_class(document.get("method", ALIGNTOK_METHOD))._from_document(document)
         missing, unexpected = load_model(tokenizer, str(weights_path), strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -243,37 +255,43 @@ class AlignTokTokenizer(nn.Module):
             )
         return tokenizer.to(map_location).eval()
 
+    @classmethod
+    def _from_document(cls, document: dict[str, Any]) -> LatentTokenizer:
+        """The architecture described by a config.json document, with freshly initialised weights."""
+        raise NotImplementedError
+
     def _config_document(self) -> dict[str, Any]:
         from aligntok import __version__
 
         return {
             "format": FORMAT_NAME,
+            "method": self.method,
             "aligntok_version": __version__,
             "tokenizer": config_to_dict(self.config),
-            "encoder": {"kind": self.encoder.kind, "hf_config": self.encoder.hf_config.to_dict()},
         }
+
+    def _card_summary(self) -> tuple[str, list[str], list[str]]:
+        """The model card's title, its opening paragraph, and bullet lines about the encoder side."""
+        raise NotImplementedError
 
     def _model_card(self, extra: dict[str, Any]) -> str:
         counts = self.parameter_counts()
         c, s = self.latent_channels, self.stride
         stats = "set (used by normalize_latents)" if self.config.latent_mean is not None else "not computed yet"
+        title, paragraph, bullets = self._card_summary()
         lines = [
             "---",
             "library_name: aligntok",
             "tags: [aligntok, image-tokenizer, latent-diffusion]",
             "---",
             "",
-            "# AlignTok image tokenizer",
+            f"# {title}",
             "",
-            "A pretrained vision foundation encoder aligned into an image tokenizer for latent diffusion",
-            "(AlignTok, ICLR 2026): foundation encoder -> per-token MLP adapter -> latent -> CNN decoder.",
+            *paragraph,
             "",
+            *bullets,
             f"- Latent: {c} channels at stride {s} (a 256x256 image gives {c}x{256 // s}x{256 // s}).",
-            (
-                f"- Encoder: `{self.config.encoder}` ({self.encoder.kind}, {self.encoder.hidden_size}-d tokens, "
-                f"patch {self.encoder.patch_size}); its weights (fine-tuned in stage 2) are in model.safetensors."
-            ),
-            f"- Parameters: encoder {counts['encoder']:,}, adapter {counts['adapter']:,}, decoder {counts['decoder']:,}.",
+            "- Parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()) + ".",
             f"- Latent statistics: {stats}.",
             "",
             "## Usage",
@@ -290,6 +308,73 @@ class AlignTokTokenizer(nn.Module):
             lines += ["", "## Details", "", "| key | value |", "|---|---|"]
             lines += [f"| {key} | {_card_value(value)} |" for key, value in extra.items()]
         return "\n".join(lines) + "\n"
+
+
+class AlignTokTokenizer(LatentTokenizer):
+    """Foundation encoder + adapter + CNN decoder. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+
+    method = ALIGNTOK_METHOD
+    parts = ("encoder", "adapter", "decoder")
+
+    def __init__(self, config: TokenizerConfig, encoder: FoundationEncoder) -> None:
+        super().__init__(config)
+        if encoder.stride != config.decoder.stride:
+            raise ValueError(f"encoder stride {encoder.stride} differs from the decoder's {config.decoder.stride}")
+        self.encoder = encoder
+        self.adapter = Adapter(encoder.hidden_size, config.adapter_hidden, config.latent_channels)
+        self.decoder = LatentDecoder(config.latent_channels, config.decoder)
+
+    @classmethod
+    def from_config(cls, config: TokenizerConfig) -> AlignTokTokenizer:
+        """A new tokenizer: the encoder ``config.encoder`` names (pretrained, or random), fresh adapter and decoder."""
+        return cls(config, build_foundation_encoder(config))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features before the adapter (B, hidden, h, w) and after it (the latent, B, C, h, w)."""
+        self.check_images(x)
+        pre = self.encoder(x)
+        return pre, self.adapter(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]."""
+        return self.features(x)[1]
+
+    @classmethod
+    def _from_document(cls, document: dict[str, Any]) -> AlignTokTokenizer:
+        config = config_from_dict(TokenizerConfig, document["tokenizer"])
+        encoder_doc = document["encoder"]
+        encoder = build_encoder_from_config(encoder_doc["kind"], encoder_doc["hf_config"], stride=config.decoder.stride)
+        return cls(config, encoder)
+
+    def _config_document(self) -> dict[str, Any]:
+        return {
+            **super()._config_document(),
+            "encoder": {"kind": self.encoder.kind, "hf_config": self.encoder.hf_config.to_dict()},
+        }
+
+    def _card_summary(self) -> tuple[str, list[str], list[str]]:
+        paragraph = [
+            "A pretrained vision foundation encoder aligned into an image tokenizer for latent diffusion",
+            "(AlignTok, ICLR 2026): foundation encoder -> per-token MLP adapter -> latent -> CNN decoder.",
+        ]
+        return "AlignTok image tokenizer", paragraph, [
+            (
+                f"- Encoder: `{self.config.encoder}` ({self.encoder.kind}, {self.encoder.hidden_size}-d tokens, "
+                f"patch {self.encoder.patch_size}); its weights (fine-tuned in stage 2) are in model.safetensors."
+            ),
+        ]
+
+
+def tokenizer_class(method: str) -> type[LatentTokenizer]:
+    """The class that loads a config.json whose ``method`` is this: AlignTok's, or the baselines' VAE."""
+    from aligntok.models.baselines import VAETokenizer  # imported here: the baselines import this module
+
+    classes: dict[str, type[LatentTokenizer]] = {ALIGNTOK_METHOD: AlignTokTokenizer, VAETokenizer.method: VAETokenizer}
+    if method not in classes:
+        raise TokenizerNotFoundError(
+            f"unknown tokenizer method {method!r} in {CONFIG_NAME}; known: {', '.join(classes)}"
+        )
+    return classes[method]
 
 
 def _describe(x: Any) -> str:

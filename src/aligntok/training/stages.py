@@ -1,9 +1,14 @@
-"""AlignTok's three tokenizer training stages, as data, and the pipeline that runs them.
+"""Tokenizer training stages, as data, and the pipeline that runs them.
 
-The table :data:`STAGES` says, for each stage, which parts of the tokenizer train, whether the semantic
-preservation loss is on, whether an EMA is kept, and whose output the stage starts from. Everything else
-(freezing, optimizer groups, where weights are loaded from) is derived from that table, so a test can
-assert it and a reader can see the method at a glance.
+The table :data:`STAGES` says, for each of AlignTok's three stages, which parts of the tokenizer train,
+whether the semantic preservation loss is on, whether an EMA is kept, and whose output the stage starts
+from. Everything else (freezing, optimizer groups, where weights are loaded from) is derived from that
+table, so a test can assert it and a reader can see the method at a glance.
+
+The baselines the paper compares with are tables too (:data:`METHOD_STAGES`, chosen by the config's
+``method``): the plain VAE and the VA-VAE-style VAE each have a single stage in which their whole
+tokenizer trains from scratch with L_rec + KL (+ the VF loss for the VA-VAE), so ``RUN/stage1`` is
+their output and the same command, resume logic and ``--stage`` apply.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aligntok.config import ConfigError, DataConfig, OptimConfig, TrainConfig
+from aligntok.config import ConfigError, DataConfig, OptimConfig, TrainConfig, check_choice
 from aligntok.losses.reconstruction import ReconLossConfig, ReconstructionLoss
 from aligntok.losses.semantic import SemanticLossConfig, SemanticPreservationLoss
-from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
+from aligntok.losses.vf import VFLoss, VFLossConfig
+from aligntok.models.baselines import KLConfig, VAEConfig, VAETokenizer, diagonal_gaussian_kl, sample_posterior
+from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerConfig, build_foundation_encoder
 
 log = logging.getLogger(__name__)
 
-PARTS = ("encoder", "adapter", "decoder")
+PARTS = AlignTokTokenizer.parts  #: AlignTok's tokenizer parts: encoder, adapter, decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +41,24 @@ class Stage:
     semantic_loss: bool  #: L_rec + w_sp * L_sp instead of L_rec alone
     keeps_ema: bool  #: EMA of the tokenizer is kept (and exported) in this stage
     starts_from: int | None  #: the stage whose output this one loads; None = pretrained encoder, fresh adapter/decoder
+    kl_loss: bool = False  #: the VAE's KL term is on (baselines: samples of the posterior are decoded)
+    vf_loss: bool = False  #: VA-VAE's VF loss is on (its latent-to-foundation projection trains too)
 
 
 STAGES: dict[int, Stage] = {
     1: Stage(1, "latent alignment", frozenset({"adapter", "decoder"}), False, False, None),
     2: Stage(2, "perceptual alignment", frozenset(PARTS), True, True, 1),
     3: Stage(3, "decoder refinement", frozenset({"decoder"}), False, False, 2),
+}
+
+#: Every tokenizer method's stage table, selected by the config's ``method``. The baselines train their
+#: whole VAE (encoder and decoder, from scratch) in one stage with all their losses on.
+METHOD_STAGES: dict[str, dict[int, Stage]] = {
+    "aligntok": STAGES,
+    "vae": {1: Stage(1, "plain VAE", frozenset(VAETokenizer.parts), False, False, None, kl_loss=True)},
+    "vavae": {
+        1: Stage(1, "VA-VAE", frozenset(VAETokenizer.parts), False, False, None, kl_loss=True, vf_loss=True)
+    },
 }
 
 
@@ -57,10 +76,15 @@ class StageConfig:
 class TokenizerTrainConfig:
     """Everything `aligntok train-tokenizer` needs."""
 
+    method: str = "aligntok"  #: aligntok (3 stages) | vae | vavae (baselines, 1 stage): the tokenizer and its stages
+    #: AlignTok's tokenizer. The baselines take its latent_channels and decoder (so both match AlignTok's),
+    #: and the VA-VAE's VF loss aligns to the foundation encoder it names (encoder, encoder_kind, random_encoder).
     model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: ReconLossConfig = dataclasses.field(default_factory=ReconLossConfig)  #: L_rec, every stage
     semantic: SemanticLossConfig = dataclasses.field(default_factory=SemanticLossConfig)  #: L_sp, stage 2
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)  #: the baselines' KL term (method vae, vavae)
+    vf: VFLossConfig = dataclasses.field(default_factory=VFLossConfig)  #: the VF loss (method vavae)
     stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(train=TrainConfig(ema_decay=0.9999)))
     stage3: StageConfig = dataclasses.field(default_factory=StageConfig)
@@ -68,47 +92,80 @@ class TokenizerTrainConfig:
     def stage(self, number: int) -> StageConfig:
         return getattr(self, f"stage{number}")
 
+    @property
+    def stages(self) -> dict[int, Stage]:
+        """The stage table of this config's method."""
+        return METHOD_STAGES[self.method]
+
     def validate(self) -> None:
+        check_choice("method", self.method, tuple(METHOD_STAGES))
         stride = 2 ** (len(self.model.decoder.channel_mult) - 1)
         if self.data.resolution % stride:
             raise ConfigError(f"data.resolution={self.data.resolution} is not a multiple of the tokenizer stride {stride}")
-        if any(self.stage(n).train.fsdp for n in STAGES):
+        if any(self.stage(n).train.fsdp for n in self.stages):
             # The adaptive GAN weight differentiates w.r.t. the decoder's whole last layer, not a shard.
             raise ConfigError("train.fsdp is not supported for tokenizer stages; they train data-parallel")
 
 
-def apply_stage(tokenizer: AlignTokTokenizer, stage: Stage) -> None:
+def apply_stage(tokenizer: LatentTokenizer, stage: Stage) -> None:
     """Freeze what the stage does not train: no gradient, eval mode (so no dropout / stat updates)."""
-    for part in PARTS:
+    for part in tokenizer.parts:
         module: nn.Module = getattr(tokenizer, part)
         trains = part in stage.trains
         module.requires_grad_(trains)
         module.train(trains)
 
 
+@dataclasses.dataclass
+class _Encoded:
+    """What a training step's encoder side produced: the latent to decode, and what the losses need."""
+
+    latent: torch.Tensor
+    pre: torch.Tensor | None = None  #: AlignTok: foundation features before the adapter
+    mean: torch.Tensor | None = None  #: VAE: posterior mean
+    logvar: torch.Tensor | None = None  #: VAE: posterior log-variance
+
+
 class TokenizerStageTask:
-    """One stage of tokenizer training as an engine task: generator and discriminator losses."""
+    """One stage of tokenizer training as an engine task: generator and discriminator losses.
+
+    The generator loss is L_rec plus what the stage turns on: L_sp (AlignTok stage 2), the KL term and
+    the VF loss (baselines). A VAE decodes a sample of its posterior; AlignTok decodes its latent.
+    """
 
     def __init__(
         self,
-        tokenizer: AlignTokTokenizer,
+        tokenizer: LatentTokenizer,
         stage: Stage,
         recon_loss: ReconstructionLoss,
         semantic: SemanticPreservationLoss | None,
+        *,
+        kl: KLConfig | None = None,
+        vf: VFLoss | None = None,
     ):
         if stage.semantic_loss != (semantic is not None):
             raise ValueError(f"stage {stage.number} needs semantic loss={stage.semantic_loss}")
+        if stage.kl_loss != (kl is not None) or stage.vf_loss != (vf is not None):
+            raise ValueError(f"stage {stage.number} needs KL loss={stage.kl_loss} and VF loss={stage.vf_loss}")
+        if (stage.kl_loss or stage.vf_loss) and not isinstance(tokenizer, VAETokenizer):
+            raise ValueError(f"stage {stage.number} ({stage.name}) trains a VAE, got a {type(tokenizer).__name__}")
+        if semantic is not None and not isinstance(tokenizer, AlignTokTokenizer):
+            raise ValueError(f"the semantic loss needs an AlignTok tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer, self.stage, self.recon_loss, self.semantic = tokenizer, stage, recon_loss, semantic
+        self.kl, self.vf = kl, vf
         apply_stage(tokenizer, stage)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"tokenizer": self.tokenizer, "discriminator": self.recon_loss.discriminator}
+        modules = {"tokenizer": self.tokenizer, "discriminator": self.recon_loss.discriminator}
+        if self.vf is not None:
+            modules["vf_projection"] = self.vf.projection  # trained, so checkpointed; the frozen encoder is not
+        return modules
 
     def optimizers(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "generator": [p for p in self.tokenizer.parameters() if p.requires_grad],
-            "discriminator": list(self.recon_loss.discriminator.parameters()),
-        }
+        generator = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        if self.vf is not None:
+            generator += list(self.vf.projection.parameters())
+        return {"generator": generator, "discriminator": list(self.recon_loss.discriminator.parameters())}
 
     def ema_modules(self) -> list[str]:
         return ["tokenizer"] if self.stage.keeps_ema else []
@@ -117,20 +174,43 @@ class TokenizerStageTask:
         """Called by the engine instead of module.train(): frozen parts stay in eval mode."""
         apply_stage(self.tokenizer, self.stage)
         self.recon_loss.discriminator.train()
+        if self.vf is not None:
+            self.vf.projection.train()
+
+    def _encode(self, x: torch.Tensor) -> _Encoded:
+        tok, trains = self.tokenizer, self.stage.trains
+        if isinstance(tok, VAETokenizer):
+            with torch.set_grad_enabled("encoder" in trains):
+                mean, logvar = tok.encoder(x)
+            return _Encoded(sample_posterior(mean, logvar), mean=mean, logvar=logvar)
+        with torch.set_grad_enabled("encoder" in trains):
+            pre = tok.encoder(x)
+        with torch.set_grad_enabled(bool({"encoder", "adapter"} & trains)):
+            post = tok.adapter(pre)
+        return _Encoded(post, pre=pre)
 
     def losses(self, batch: dict, step: int) -> dict[str, tuple[torch.Tensor, dict]]:
         x = batch["image"]
         tok = self.tokenizer
-        with torch.set_grad_enabled("encoder" in self.stage.trains):
-            pre = tok.encoder(x)
-        with torch.set_grad_enabled(bool({"encoder", "adapter"} & self.stage.trains)):
-            post = tok.adapter(pre)
-        recon = tok.decode(post)
-        total, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer)
+        encoded = self._encode(x)
+        recon = tok.decode(encoded.latent)
+        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer)
+        total = rec
         if self.semantic is not None:
-            sp, sp_logs = self.semantic(x, pre, post)  # already weighted by w_sp
+            sp, sp_logs = self.semantic(x, encoded.pre, encoded.latent)  # already weighted by w_sp
             total = total + sp
             logs = {**logs, **sp_logs}
+        if self.kl is not None and encoded.mean is not None and encoded.logvar is not None:
+            kl = diagonal_gaussian_kl(encoded.mean, encoded.logvar).mean()
+            # LDM sums the reconstruction loss over pixel values and the KL over latent elements; ours
+            # averages over pixel values, so the KL is divided by their number for kl.weight to mean the same.
+            kl_term = self.kl.weight * kl / x[0].numel()
+            total = total + kl_term
+            logs = {**logs, "kl": kl.detach(), "kl_total": kl_term.detach()}
+        if self.vf is not None and isinstance(tok, VAETokenizer):
+            vf, vf_logs = self.vf(x, encoded.latent, rec, tok.encoder.last_layer)
+            total = total + vf
+            logs = {**logs, **vf_logs}
         out = {"generator": (total, logs)}
         disc = self.recon_loss.discriminator_loss(x, recon.detach(), step)
         if disc is not None:
@@ -158,12 +238,19 @@ def _require_stage_output(run_dir: Path, number: int, needed_by: int) -> Path:
     return path
 
 
-def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> AlignTokTokenizer:
-    """The tokenizer a stage starts from: a fresh one for stage 1, else the previous stage's output."""
+def build_tokenizer(cfg: TokenizerTrainConfig) -> LatentTokenizer:
+    """A fresh tokenizer of the config's method: AlignTok's (pretrained encoder) or a baseline VAE."""
+    if cfg.method == "aligntok":
+        return AlignTokTokenizer.from_config(cfg.model)
+    return VAETokenizer.from_config(VAEConfig.like(cfg.model, trained_with=cfg.method))
+
+
+def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> LatentTokenizer:
+    """The tokenizer a stage starts from: a fresh one for a first stage, else the previous stage's output."""
     if stage.starts_from is None:
         torch.manual_seed(cfg.stage(stage.number).train.seed)
-        return AlignTokTokenizer.from_config(cfg.model)
-    previous = STAGES[stage.starts_from]
+        return build_tokenizer(cfg)
+    previous = cfg.stages[stage.starts_from]
     source = _require_stage_output(run_dir, previous.number, stage.number)
     tokenizer = AlignTokTokenizer.from_pretrained(source)
     if previous.keeps_ema and not cfg.stage(stage.number).init_from_ema:
@@ -180,27 +267,54 @@ def build_semantic_loss(cfg: TokenizerTrainConfig, run_dir: Path) -> SemanticPre
     return SemanticPreservationLoss(cfg.semantic, encoder=teacher.encoder, adapter=teacher.adapter)
 
 
-def train_tokenizer(
-    cfg: TokenizerTrainConfig, run_dir: str | Path, stages: tuple[int, ...] = (1, 2, 3)
-) -> dict[int, Path]:
-    """Run the given stages in order; each leaves a loadable tokenizer in ``run_dir/stageN``.
+def build_vf_loss(cfg: TokenizerTrainConfig, stage: Stage) -> VFLoss:
+    """VA-VAE's VF loss: the frozen foundation encoder ``cfg.model`` names, and a fresh projection.
 
-    A stage whose output already exists is skipped, and an interrupted stage resumes from its latest
-    checkpoint, so re-running the same command continues where it stopped.
+    The encoder is built from the stage's seed exactly as AlignTok's first stage builds its own, so a
+    random encoder (tests, tiny configs) is the very one AlignTok starts from. It is rebuilt on resume,
+    never read from a checkpoint; the projection's trained weights are.
+    """
+    torch.manual_seed(cfg.stage(stage.number).train.seed)
+    encoder = build_foundation_encoder(cfg.model)
+    return VFLoss(cfg.vf, foundation_encoder=encoder, latent_channels=cfg.model.latent_channels)
+
+
+def _stages_to_run(cfg: TokenizerTrainConfig, requested: tuple[int, ...] | None) -> tuple[int, ...]:
+    table = cfg.stages
+    if requested is None:
+        return tuple(table)
+    absent = [n for n in requested if n not in table]
+    if absent:
+        raise ConfigError(
+            f"method {cfg.method!r} has stage(s) {', '.join(map(str, table))} only; there is no stage "
+            f"{', '.join(map(str, absent))}"
+        )
+    return tuple(requested)
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, run_dir: str | Path, stages: tuple[int, ...] | None = None
+) -> dict[int, Path]:
+    """Run the given stages of the config's method in order (None: all of them); each leaves a loadable
+    tokenizer in ``run_dir/stageN``.
+
+    Naming a stage the method lacks (a baseline has only stage 1) is an error. A stage whose output already exists is skipped, and an interrupted stage
+    resumes from its latest checkpoint, so re-running the same command continues where it stopped.
     """
     from aligntok.data import build_dataset, build_loader
     from aligntok.training.distributed import init_distributed
     from aligntok.training.trainer import Trainer
 
     run_dir = Path(run_dir)
+    numbers = _stages_to_run(cfg, stages)
     dist = init_distributed()
     dataset = build_dataset(
         cfg.data.train, cfg.data.resolution, hflip=cfg.data.hflip, seed=cfg.stage1.train.seed,
         builtin_size=cfg.data.builtin_size,
     )
     outputs: dict[int, Path] = {}
-    for number in stages:
-        stage, stage_cfg = STAGES[number], cfg.stage(number)
+    for number in numbers:
+        stage, stage_cfg = cfg.stages[number], cfg.stage(number)
         out = stage_output_dir(run_dir, number)
         if (out / "config.json").is_file():
             log.info("stage %d (%s): output %s exists, skipping", number, stage.name, out)
@@ -209,7 +323,11 @@ def train_tokenizer(
         started = time.perf_counter()
         tokenizer = build_stage_tokenizer(cfg, run_dir, stage).to(dist.device)
         semantic = build_semantic_loss(cfg, run_dir).to(dist.device) if stage.semantic_loss else None
-        task = TokenizerStageTask(tokenizer, stage, ReconstructionLoss(cfg.loss).to(dist.device), semantic)
+        vf = build_vf_loss(cfg, stage).to(dist.device) if stage.vf_loss else None
+        task = TokenizerStageTask(
+            tokenizer, stage, ReconstructionLoss(cfg.loss).to(dist.device), semantic,
+            kl=cfg.kl if stage.kl_loss else None, vf=vf,
+        )
         per_rank = stage_cfg.train.batch_size // dist.world_size
 
         def loader_factory(start_step: int, _seed=stage_cfg.train.seed):
@@ -228,9 +346,12 @@ def train_tokenizer(
             dist=dist,
         )
         trainer.fit()
+        card = {"method": cfg.method, "stage": f"{number} ({stage.name})"}
+        if stage.vf_loss:
+            card["VF loss foundation encoder"] = cfg.model.encoder
         with trainer.ema_weights():
             if dist.rank == 0:
-                tokenizer.save_pretrained(out, card_extra={"stage": f"{number} ({stage.name})"})
+                tokenizer.save_pretrained(out, card_extra=card)
         dist.barrier()
         log.info("stage %d (%s) done in %.1f s -> %s", number, stage.name, time.perf_counter() - started, out)
         outputs[number] = out
