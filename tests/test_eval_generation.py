@@ -39,22 +39,6 @@ NUM_IMAGES = 4  # > k=3 for precision/recall; each Inception forward costs ~0.5 
 
 
 @pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    """torch-fidelity's Inception-V3 with random weights (He-initialised convs so features have scale)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("random", ["2048", "logits_unbiased"])
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dinov2_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = Dinov2Config(

@@ -23,7 +23,6 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from transformers import Dinov2Config, Dinov2Model
 
 from aligntok.cli import main
@@ -61,22 +60,6 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 8, [1, 2], 4
     path = tmp_path_factory.mktemp("tokenizer") / "tok"
     AlignTokTokenizer.from_config(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception-V3 with random (He-initialised) weights, saved as a state dict."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("random", ["2048", "logits_unbiased"])
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
     return path
 
 
