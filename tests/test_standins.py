@@ -272,4 +272,5 @@ def test_eval_network_plays_inception_in_evaluate_generation(tmp_path, eval_dir)
     result = evaluate_generation(samples, refs, inception=network, dinov2=None, is_splits=2, device="cpu")
     assert result["fid"] == pytest.approx(builtin_fd(
         _uint8_images(24, 32, 4), _uint8_images(24, 32, 5), network=network), rel=1e-6)
-    assert np.isfinite(result["inception_score"]) and result["provenance"]["feature_networks"][0]["name"] == network.name
+    assert np.isfinite(result["inception_score"])
+    assert result["provenance"]["feature_networks"][0]["name"] == network.name

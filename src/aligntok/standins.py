@@ -15,23 +15,25 @@ architecture (transformers' ``Dinov2Model``: hidden 128, 4 blocks, 4 heads, 16 p
   kind, the main shape's colour and its size. A class-only encoder would throw away colour and texture,
   which a real DINOv2 keeps, and AlignTok's stage 1 freezes the encoder and reconstructs from its tokens;
   the extra targets also speed up learning the class (measured on the CNN below: 38% vs 26% held-out
-  accuracy after 600 steps). The heads read DINOv2's own linear-evaluation feature, the CLS token concatenated with the
-  mean patch token, so both the CLS token (what FD_DINOv2 reads) and the patch tokens (what a tokenizer
-  reads) are trained.
+  accuracy after 600 steps). The heads read DINOv2's own linear-evaluation feature, the CLS token
+  concatenated with the mean patch token, so both the CLS token (what FD_DINOv2 reads) and the patch
+  tokens (what a tokenizer reads) are trained.
 * A dense term keeps the patch tokens local, as DINOv2's iBOT patch objective does: a linear head per
   patch token predicts that patch's colours at 4x4 cells (MSE). Frozen DINOv2 tokens reconstruct images
   well (RAE, Zheng et al. 2025); a stand-in without locality would not.
 * AdamW, warm-up then cosine decay, gradient clipping at 1 (``training.trainer.lr_factor``). The images
   are rendered once into memory (rendering costs about as much as a step) and revisited with flips.
 
-Measured limits (2 CPU cores): a ViT with 16 tokens learns this dataset slowly whatever the recipe
-(tried: learning rates 3e-4..4e-3, widths 96..192, depths 4..6, 8 px patches, PCA patch-embedding init,
-dense per-patch class targets, CNN-feature distillation, a clean-shapes curriculum, torchvision's ViT):
-the default (``dinov2-shapes``, ~45 s) is only slightly better than a random initialisation, and
-``dinov2-shapes-long`` (~5 min) is clearly better but far from a real DINOv2. A CNN learns the same data
-several times faster, which is why the evaluation network is one. Each directory's ``standin.json``
-records its held-out accuracy; :func:`probe_standin_encoder` measures the linear probe against a random
-initialisation.
+Measured limits (recipe version 1, 2 CPU cores; linear probe on average-pooled patch tokens of 2,000 +
+1,000 held-out images, chance 10%): a ViT with 16 tokens learns this dataset slowly whatever the recipe
+(tried: learning rates 3e-4..4e-3, widths 96..192, depths 4..6, 8 px patches, PCA patch-embedding and
+mimetic attention inits, dense per-patch class targets, CNN-feature distillation, a clean-shapes
+curriculum, 90-degree rotations, torchvision's ViT; none more than a few points after 800 steps).
+The default ``dinov2-shapes`` (500 steps, ~45 s) probes at 12% against 10% for a random initialisation:
+barely pretrained. ``dinov2-shapes-long`` (3000 steps, ~4.5 min on idle cores) probes at 21% (its
+training head: 29%), clearly semantic but far from a real DINOv2. A CNN learns the same data several
+times faster, which is why the evaluation network is one. Each directory's ``standin.json`` records its
+held-out accuracy; :func:`probe_standin_encoder` measures the probe against a random initialisation.
 
 It is saved as a real DINOv2 checkpoint (``save_pretrained`` + a ``preprocessor_config.json`` with its
 pixel normalisation), so ``aligntok.models.encoders.load_encoder(path)`` and ``Dinov2Model.from_pretrained``
@@ -44,7 +46,8 @@ initialisation seed and its own batch order, trained on the same data and target
 features give a Fréchet distance (:func:`builtin_fd`), its class logits the class accuracy of
 generated samples (:func:`builtin_class_accuracy`); :func:`evaluate_builtin` gives both in one pass.
 It is an :class:`aligntok.eval.features.FeatureNetwork`, so ``evaluate_generation(..., inception=net)``
-accepts it as well. ``shapes`` (~40 s) is a weak classifier, ``shapes-long`` (~2.5 min) a strong one.
+accepts it as well. Held-out class accuracy: ``shapes`` (900 steps, ~45 s) 35%, a weak judge;
+``shapes-long`` (3000 steps, ~2.5 min on idle cores) 87%.
 
 **Cache.** ``$ALIGNTOK_CACHE``, else ``$XDG_CACHE_HOME/aligntok``, else ``~/.cache/aligntok``; one
 directory per recipe under ``standins/``, named by a hash of the recipe's settings and
@@ -53,18 +56,20 @@ directory per recipe under ``standins/``, named by a hash of the recipe's settin
 (two ranks, two processes) train once and every reader sees a complete directory. Training runs in the
 calling process only, never as a collective: under torchrun every rank may call ``ensure_*``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -77,6 +82,9 @@ from aligntok.eval.features import ImageInput, ModuleFeatures, extract_features
 from aligntok.eval.fid import FeatureStats, frechet_distance
 from aligntok.eval.images import from_uint8
 from aligntok.io import write_directory_atomically
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Model
 
 __all__ = [
     "CACHE_ENV",
@@ -191,7 +199,7 @@ class EvalNetworkSettings(_RecipeSettings):
 
 
 #: Named stand-in encoders, also for ``model.encoder=standin:NAME``: the default fits the demo's first-run
-#: budget; "-long" (~5 min on 2 cores) is for runs that can afford a stronger encoder.
+#: budget; "-long" (~4.5 min on 2 cores) is for runs that can afford a stronger encoder.
 STANDIN_ENCODERS: dict[str, StandinEncoderSettings] = {
     "dinov2-shapes": StandinEncoderSettings(),
     "dinov2-shapes-long": StandinEncoderSettings(steps=3000, data_size=12800),
@@ -240,6 +248,7 @@ def _is_complete(directory: Path) -> bool:
 
 #: Trainings run by this process, per kind (lets tests check that a cached recipe is not retrained).
 TRAINING_RUNS: dict[str, int] = {"encoder": 0, "eval": 0}
+_DESCRIPTIONS = {"encoder": "stand-in DINOv2 foundation encoder", "eval": "built-in evaluation network (CNN)"}
 
 
 def _ensure_cached(
@@ -262,13 +271,14 @@ def _ensure_cached(
         if _is_complete(target):  # another process finished it while this one waited
             return target
         if progress:
-            print(f"aligntok: training the stand-in {kind} network on builtin:shapes (first run only; "
-                  f"cached in {target})", file=sys.stderr, flush=True)
+            print(f"aligntok: training the {_DESCRIPTIONS[kind]} on builtin:shapes, {settings.steps} steps "
+                  f"(first run only; cached in {target})", file=sys.stderr, flush=True)
 
         def write(staging: Path) -> None:
             record = build(staging)
-            info = {"kind": kind, "recipe_version": RECIPE_VERSION, "key": key,
-                    "settings": config_to_dict(settings), **record}
+            info = {"kind": kind, "description": _DESCRIPTIONS[kind], "recipe_version": RECIPE_VERSION,
+                    "key": key, "settings": config_to_dict(settings), **record,
+                    "device": str(_device()), "torch": torch.__version__}
             (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
         write_directory_atomically(target, write)
@@ -437,7 +447,7 @@ def _heldout(settings: _RecipeSettings, seed: int = HELDOUT_SEED) -> tuple[torch
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_dinov2(settings: StandinEncoderSettings):
+def _build_dinov2(settings: StandinEncoderSettings) -> Dinov2Model:
     from transformers import Dinov2Config, Dinov2Model
 
     config = Dinov2Config(
@@ -602,7 +612,7 @@ def _build_eval_backbone(widths: tuple[int, ...] | list[int], stem_stride: int) 
         nn.BatchNorm2d(widths[0]),
         nn.ReLU(inplace=True),
     ]
-    for before, after in zip(widths[:-1], widths[1:]):
+    for before, after in itertools.pairwise(widths):
         shortcut = nn.Sequential(nn.Conv2d(before, after, 1, stride=2, bias=False), nn.BatchNorm2d(after))
         layers.append(BasicBlock(before, after, stride=2, downsample=shortcut))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
