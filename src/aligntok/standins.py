@@ -49,6 +49,11 @@ It is an :class:`aligntok.eval.features.FeatureNetwork`, so ``evaluate_generatio
 accepts it as well. Held-out class accuracy: ``shapes`` (900 steps, ~45 s) 35%, a weak judge;
 ``shapes-long`` (3000 steps, ~2.5 min on idle cores) 87%.
 
+**Perceptual distance** (:func:`builtin_perceptual_distance`): plays LPIPS's role, whose VGG/AlexNet
+trunks cannot be downloaded either. LPIPS's formula on the evaluation CNN's stage feature maps with
+uniform channel weights instead of LPIPS's learned linear heads; its numbers are *not* comparable to
+published LPIPS values.
+
 **Cache.** ``$ALIGNTOK_CACHE``, else ``$XDG_CACHE_HOME/aligntok``, else ``~/.cache/aligntok``; one
 directory per recipe under ``standins/``, named by a hash of the recipe's settings and
 :data:`RECIPE_VERSION`. It is trained in a temporary directory and renamed into place
@@ -78,7 +83,7 @@ from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, check_choice, config_to_dict
 from aligntok.data.builtin import BACKGROUNDS, SHAPE_NAMES, TEXTURES, Scene, ShapesDataset, render_scene
-from aligntok.eval.features import ImageInput, ModuleFeatures, extract_features
+from aligntok.eval.features import ImageInput, ModuleFeatures, extract_features, uint8_batches
 from aligntok.eval.fid import FeatureStats, frechet_distance
 from aligntok.eval.images import from_uint8
 from aligntok.io import write_directory_atomically
@@ -97,6 +102,7 @@ __all__ = [
     "StandinEncoderSettings",
     "builtin_class_accuracy",
     "builtin_fd",
+    "builtin_perceptual_distance",
     "cache_root",
     "ensure_eval_network",
     "ensure_standin_encoder",
@@ -637,6 +643,24 @@ class BuiltinEvalNetwork(ModuleFeatures):
         pool = super().features(images)["pool"]
         return {"pool": pool, "logits": _split_heads(self.heads(pool))["label"]}
 
+    def stage_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (B, C_s, H_s, W_s) of every backbone stage, before pooling, for uint8 (B, 3, H, W) images.
+
+        The stages are the stem's ReLU output and each BasicBlock's output, in order. Images are
+        prepared exactly as for :meth:`features` (the same forward pass runs; hooks catch the maps).
+        """
+        from torchvision.models.resnet import BasicBlock
+
+        stages = [child for child in self.module.children() if isinstance(child, (nn.ReLU, BasicBlock))]
+        captured: list[torch.Tensor] = []
+        hooks = [stage.register_forward_hook(lambda _m, _i, output: captured.append(output)) for stage in stages]
+        try:
+            self(images)  # forward(): checks the input, then features(): preprocessing, backbone, heads
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return captured
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["preprocessing"] = f"uint8 -> {self.input_size}x{self.input_size} bilinear (antialiased) -> [-1, 1]"
@@ -773,3 +797,57 @@ def evaluate_builtin(
         "num_references": int(ref_pool.shape[0]),
         "network": network.describe(),
     }
+
+
+#: LPIPS's ``normalize_tensor`` epsilon, added to each feature vector's norm (keeps all-zero vectors finite).
+LPIPS_EPS = 1e-10
+
+
+def _unit_normalise(features: torch.Tensor) -> torch.Tensor:
+    """Each spatial position's feature vector divided by its channel norm (+ eps), as lpips does."""
+    import lpips
+
+    return lpips.normalize_tensor(features, eps=LPIPS_EPS)
+
+
+@torch.inference_mode()
+def builtin_perceptual_distance(
+    originals: ImageInput, reconstructions: ImageInput, *, network: BuiltinEvalNetwork | None = None,
+    batch_size: int = 250, device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Per-image perceptual distance (float32 CPU tensor, shape (N,)) between paired image sets.
+
+    LPIPS's distance (Zhang et al., 2018) with *uniform weights*, computed on the built-in evaluation
+    CNN: for each stage feature map of :meth:`BuiltinEvalNetwork.stage_features` (the stem's ReLU
+    output and every BasicBlock's output, before pooling), unit-normalise each spatial position's
+    feature vector over channels (LPIPS's eps), take the squared difference, average it over channels
+    (LPIPS learns per-channel weights here; this uses 1/C) and spatial positions, and sum over stages.
+    It is the offline stand-in for LPIPS on ``builtin:shapes``, where VGG/AlexNet weights cannot be
+    downloaded. Its values are NOT comparable to published LPIPS numbers (another network, no learned
+    weights); compare them only with each other, under the same evaluation network.
+
+    Images: uint8 (N, H, W, 3) arrays, (N, 3, H, W) tensors (uint8 or float in [-1, 1], quantised to
+    uint8 first, as the network takes) or ImageSources; ``originals[i]`` pairs with ``reconstructions[i]``
+    and both must have the same count and image size. Identical pairs give exactly 0.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    network = _network(network, device)
+    original_batches, num_originals = uint8_batches(originals, batch_size)
+    reconstruction_batches, num_reconstructions = uint8_batches(reconstructions, batch_size)
+    if num_originals != num_reconstructions:
+        raise ValueError(f"{num_originals} originals but {num_reconstructions} reconstructions; "
+                         f"the perceptual distance compares pairs")
+    distances: list[torch.Tensor] = []
+    for first, second in zip(original_batches, reconstruction_batches, strict=True):
+        if first.shape != second.shape:
+            raise ValueError(f"originals are {tuple(first.shape[1:])} and reconstructions {tuple(second.shape[1:])} "
+                             f"per image (C, H, W); pairs must have the same size")
+        # Two separate passes of equal shape: identical inputs give bitwise identical maps, hence exactly 0.
+        first_maps = network.stage_features(first.to(network.device))
+        second_maps = network.stage_features(second.to(network.device))
+        total = torch.zeros(first.shape[0], device=network.device)
+        for a, b in zip(first_maps, second_maps, strict=True):
+            total += (_unit_normalise(a) - _unit_normalise(b)).square().mean(dim=(1, 2, 3))
+        distances.append(total.float().cpu())
+    return torch.cat(distances) if distances else torch.zeros(0)

@@ -321,7 +321,7 @@ def load_module_features(
 ImageInput = ImageSource | np.ndarray | torch.Tensor
 
 
-def _uint8_batches(images: ImageInput, batch_size: int) -> tuple[Iterable[torch.Tensor], int]:
+def uint8_batches(images: ImageInput, batch_size: int) -> tuple[Iterable[torch.Tensor], int]:
     """(iterator of uint8 NCHW tensors, image count) for any supported image input."""
     if isinstance(images, ImageSource):
         return (nhwc_to_tensor(batch) for batch in images.batches(batch_size)), len(images)
@@ -351,7 +351,7 @@ def extract_features(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    batches, total = _uint8_batches(images, batch_size)
+    batches, total = uint8_batches(images, batch_size)
     device = network.device
     collected: dict[str, list[torch.Tensor]] = {key: [] for key in network.outputs}
     with tqdm(total=total, disable=not progress, desc=desc or network.name, unit="img") as bar:
