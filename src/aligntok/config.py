@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence, TypeVar
 
 import yaml
@@ -47,14 +48,19 @@ def _validate(obj: Any, prefix: str = "") -> None:
 
 def load_config(
     cls: type[T],
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]] | None = None,
     overrides: Sequence[str] = (),
 ) -> T:
-    """Build ``cls`` from its defaults, an optional YAML file and dotted ``key=value`` overrides."""
+    """Build ``cls`` from its defaults, YAML files (one path or several; mappings may stand among them),
+    merged in order, and dotted ``key=value`` overrides."""
+    sources = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     try:
         merged = OmegaConf.structured(cls)
-        if path is not None:
-            p = Path(path)
+        for source in sources:
+            if isinstance(source, Mapping):
+                merged = OmegaConf.merge(merged, OmegaConf.create(dict(source)))
+                continue
+            p = Path(source)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             try:

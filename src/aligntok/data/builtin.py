@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from aligntok.data.images import IndexedImageDataset
@@ -333,3 +334,13 @@ class ShapesDataset(IndexedImageDataset):
 
 #: Built-in datasets by the NAME of ``builtin:NAME``.
 BUILTIN_DATASETS: dict[str, type[IndexedImageDataset]] = {"shapes": ShapesDataset}
+
+
+def render_shapes(size: int, resolution: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` images of ``builtin:shapes`` with ``seed``, rendered at once: uint8 (N, 3, R, R)
+    images and int64 (N,) labels (for evaluation sets held in memory)."""
+    dataset = ShapesDataset(size, resolution, seed=seed)
+    scenes = [dataset.scene(i) for i in range(size)]
+    pixels = np.stack([np.asarray(render_scene(scene, resolution)) for scene in scenes])
+    labels = torch.tensor([scene.label for scene in scenes], dtype=torch.long)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels

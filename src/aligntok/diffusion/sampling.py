@@ -23,12 +23,16 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from aligntok.diffusion.samplers import SamplerConfig, sample
+
+if TYPE_CHECKING:
+    from aligntok.models.lightningdit import LightningDiT
+    from aligntok.models.tokenizer import LatentTokenizer
 
 GRID_FILE = "grid.png"
 SAMPLES_FILE = "samples.npz"
@@ -92,6 +96,36 @@ def _image_grid(images: np.ndarray) -> np.ndarray:
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 
+def decode_samples(
+    model: LightningDiT, tokenizer: LatentTokenizer, labels: torch.Tensor, indices: Sequence[int],
+    sampler: SamplerConfig, seed: int,
+) -> np.ndarray:
+    """Samples ``indices`` (of class ``labels``, noise from :func:`sample_generator`) decoded to uint8 NHWC."""
+    from aligntok.eval.images import to_uint8_nhwc
+
+    latents = sample(
+        model, labels, sampler, generator=[sample_generator(seed, i) for i in indices],
+        denormalize=tokenizer.denormalize_latents,
+    )
+    with torch.inference_mode():
+        return to_uint8_nhwc(tokenizer.decode(latents))
+
+
+def generate_images(
+    model: LightningDiT, tokenizer: LatentTokenizer, labels: torch.Tensor, sampler: SamplerConfig, *,
+    seed: int = 0, batch_size: int = 64,
+) -> np.ndarray:
+    """In this process, sample one image per label and decode it: uint8 (N, H, W, 3).
+
+    The same samples as :func:`sample_to_directory` with this seed, labels and batch size.
+    """
+    batches = []
+    for start in range(0, len(labels), batch_size):
+        indices = range(start, min(start + batch_size, len(labels)))
+        batches.append(decode_samples(model, tokenizer, labels[indices.start : indices.stop], indices, sampler, seed))
+    return np.concatenate(batches)
+
+
 def sample_to_directory(
     dit: str | os.PathLike,
     tokenizer: str | os.PathLike,
@@ -105,7 +139,7 @@ def sample_to_directory(
     from PIL import Image
 
     from aligntok import __version__
-    from aligntok.eval.images import save_npz, to_uint8_nhwc
+    from aligntok.eval.images import save_npz
     from aligntok.models.lightningdit import LightningDiT
     from aligntok.models.tokenizer import AlignTokTokenizer
     from aligntok.training import distributed
@@ -134,15 +168,7 @@ def sample_to_directory(
     num_batches = math.ceil(config.num / config.batch_size)
     for batch in range(dist.rank, num_batches, dist.world_size):
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
-        latents = sample(
-            model,
-            labels[indices.start : indices.stop],
-            config.sampler,
-            generator=[sample_generator(config.seed, i) for i in indices],
-            denormalize=tok.denormalize_latents,
-        )
-        with torch.inference_mode():
-            images = to_uint8_nhwc(tok.decode(latents))
+        images = decode_samples(model, tok, labels[indices.start : indices.stop], indices, config.sampler, config.seed)
         temporary = parts / f".batch-{batch:06d}.tmp.npy"
         np.save(temporary, images)
         os.replace(temporary, parts / f"batch-{batch:06d}.npy")

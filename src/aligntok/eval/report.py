@@ -51,10 +51,10 @@ def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
 
 
 def plot_curves(
-    series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-    logy: bool = False,
+    series: Mapping[str, Sequence[tuple[float, ...]]], *, title: str, xlabel: str, ylabel: str,
+    logy: bool = False, logx: bool = False,
 ) -> bytes:
-    """A line plot of named (x, y) series as PNG bytes."""
+    """A line plot of named (x, y) or (x, y, error) series as PNG bytes (errors drawn as bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,14 +62,21 @@ def plot_curves(
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
     for name, points in series.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, marker="o" if len(points) < 12 else None, markersize=3)
+        if not points:
+            continue
+        columns = list(zip(*points))
+        marker = "o" if len(points) < 12 else None
+        if len(columns) == 3:
+            ax.errorbar(columns[0], columns[1], yerr=columns[2], label=name, marker=marker, markersize=3, capsize=3)
+        else:
+            ax.plot(columns[0], columns[1], label=name, marker=marker, markersize=3)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)

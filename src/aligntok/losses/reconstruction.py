@@ -116,12 +116,16 @@ class ReconstructionLoss(nn.Module):
         cfg = cfg or ReconLossConfig()
         cfg.validate()
         self.config = cfg
-        self.lpips = build_lpips(cfg.lpips_net, pretrained_backbone=cfg.lpips_pretrained_backbone)
+        # Without an LPIPS term no LPIPS network is needed (nor its weights, which may not be downloadable).
+        self.lpips = (
+            build_lpips(cfg.lpips_net, pretrained_backbone=cfg.lpips_pretrained_backbone) if cfg.lpips_weight > 0 else None
+        )
         self.discriminator = PatchDiscriminator(cfg.discriminator)
 
     def train(self, mode: bool = True) -> ReconstructionLoss:
         super().train(mode)
-        self.lpips.eval()  # LPIPS has dropout in its heads; it is a fixed metric, never trained
+        if self.lpips is not None:
+            self.lpips.eval()  # LPIPS has dropout in its heads; it is a fixed metric, never trained
         return self
 
     def gan_active(self, step: int) -> bool:
