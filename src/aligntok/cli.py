@@ -67,6 +67,20 @@ def _evaluate_probe(args: argparse.Namespace) -> None:
     _publish("probe", result, out)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from aligntok.experiments.demo import run_demo
+
+    report = run_demo(args.out, preset=args.preset, overrides=args.overrides)
+    print(f"report: {report}")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from aligntok.experiments.reproduce import run_reproduce
+
+    report = run_reproduce(args.out, preset=args.preset, overrides=args.overrides)
+    print(f"report: {report}")
+
+
 def _publish(kind: str, result: dict, out: Path) -> None:
     """Rank 0 writes the JSON and prints the summary; then the process group (if any) ends."""
     from aligntok.eval.commands import summarize, write_result
@@ -222,7 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reconstruct)
     _add_evaluate_parser(sub)
     _add_diffusion_parsers(sub)
+    _add_experiment_parsers(sub)
     return parser
+
+
+def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
+    """`aligntok demo` and `aligntok reproduce`: whole pipelines on the built-in data, offline."""
+    p = sub.add_parser("demo", help="the whole method on built-in data in minutes, offline: DIR/report.html")
+    p.add_argument("--out", type=Path, default=Path("aligntok-demo"), help="output folder; re-running resumes")
+    p.add_argument("--preset", choices=("demo", "minimal"), default="demo",
+                   help="demo (default, ~5 min on 2 CPU cores) or minimal (seconds; a smoke test)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dit.train.steps=500")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("reproduce", help="the paper's comparisons in miniature: AlignTok vs baselines, seeds, ablations")
+    p.add_argument("--out", type=Path, default=Path("aligntok-reproduce"), help="output folder; re-running resumes")
+    p.add_argument("--preset", choices=("quick", "full", "minimal"), default="quick",
+                   help="quick (<20 min on 2 CPU cores), full (<2 h) or minimal (a smoke test)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every experiment's config")
+    p.set_defaults(func=_reproduce)
 
 
 def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:

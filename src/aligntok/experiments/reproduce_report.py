@@ -1,0 +1,79 @@
+"""report.html and plots/*.png of ``aligntok reproduce`` from its summarized results."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from aligntok.eval.report import Section, plot_curves, write_report
+
+_TABLE_COLUMNS = (  # (results key, column title)
+    ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("perceptual", "perceptual (CNN)"), ("rfd", "rFD"),
+    ("linear_probe", "linear probe"), ("gfd_unguided", "gFD w/o guidance"), ("gfd_guided", "gFD w/ guidance"),
+    ("class_accuracy_guided", "class acc. w/ guidance"),
+)
+_CURVES = (  # (results key, file name, title, x label, log x)
+    ("by_training_step", "gfd_vs_training_steps", "gFD vs DiT training steps (no guidance)", "DiT training step", False),
+    ("by_sampling_steps", "gfd_vs_sampling_steps", "gFD vs sampling steps (guided)", "Euler steps", True),
+    ("by_cfg_scale", "gfd_vs_cfg_scale", "gFD vs guidance scale", "classifier-free guidance scale", False),
+)
+
+
+def _cell(stats: dict[str, Any]) -> str:
+    return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
+
+
+def _rows(table: dict[str, dict[str, Any]], label: str, names: dict[str, str] | None = None) -> list[dict]:
+    return [{label: (names or {}).get(key, key), **{title: _cell(row[k]) for k, title in _TABLE_COLUMNS}}
+            for key, row in table.items()]
+
+
+def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) -> Path:
+    from aligntok.experiments.reproduce import METHOD_LABELS
+    from aligntok.standins import read_standin_info
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    figures = []
+    for key, name, title, xlabel, logx in _CURVES:
+        series = {METHOD_LABELS[m]: [(p["x"], p["mean"], p["std"]) for p in curves[key]]
+                  for m, curves in results["curves"].items()}
+        png = plot_curves(series, title=title, xlabel=xlabel, ylabel="gFD (evaluation CNN)", logx=logx)
+        (plots / f"{name}.png").write_bytes(png)
+        figures.append((png, f"{title}; mean ± std over {len(rcfg.seeds)} seeds (plots/{name}.png)"))
+
+    reach = results["steps_to_reach_vae_final_gfd"]
+    reach_rows = [
+        {"tokenizer": METHOD_LABELS[m], "first DiT checkpoint with mean gFD ≤ the VAE's final":
+         "not reached" if reach[m] is None else f"step {reach[m]:g}"}
+        for m in rcfg.methods if m in reach
+    ]
+    accuracy = read_standin_info(Path(network.weights_path).parent).get("heldout_class_accuracy")
+    exp = rcfg.experiment
+    intro = (
+        "<div class='note'>The paper's comparisons in miniature on the built-in shapes dataset: "
+        f"foundation encoder <code>{html.escape(exp.tokenizer.model.encoder)}</code>, "
+        f"{exp.tokenizer.data.resolution} px images, {exp.tokenizer.model.latent_channels}-channel "
+        f"{exp.tokenizer.data.resolution // 16}x{exp.tokenizer.data.resolution // 16} latents, a "
+        f"width-{exp.dit.model_config().hidden_size} depth-{exp.dit.model_config().depth} LightningDiT trained "
+        f"{exp.dit.train.steps} steps, {exp.eval.num_samples} samples per gFD, {exp.eval.num_heldout} held-out images. "
+        f"gFD and rFD are Fréchet distances in the features of a CNN trained on the same data "
+        f"(<code>{html.escape(exp.eval.eval_network)}</code>, held-out class accuracy "
+        f"{accuracy:.0%}), not Inception FIDs; the perceptual distance is LPIPS's formula with uniform weights on "
+        f"that CNN. Baselines train one stage for as many steps as AlignTok's three stages together. "
+        f"Mean ± sample standard deviation over seeds {', '.join(map(str, rcfg.seeds))}.<br>"
+        f"Command: <code>{html.escape(results['command'])}</code> ({results['seconds'] / 60:.1f} min).</div>"
+    )
+    names = {m: METHOD_LABELS[m] for m in results["tokenizer_table"]}
+    sections = [
+        Section("Tokenizers compared (the paper's Table: vanilla VAE vs VA-VAE vs AlignTok)",
+                table=_rows(results["tokenizer_table"], "tokenizer", names)),
+        Section("Convergence", "Training steps each tokenizer's DiT needs to reach the plain VAE's final gFD "
+                "(without guidance; checkpoints as in the first curve).", table=reach_rows),
+        Section("Figure 4: gFD curves", figures=figures),
+    ]
+    if results["ablation"]:
+        sections.insert(1, Section("Stage and w_sp ablation (AlignTok)", table=_rows(results["ablation"], "setting")))
+    return write_report(out / "report.html", title=f"aligntok reproduce ({results['preset']})", intro=intro,
+                        sections=sections)

@@ -1,0 +1,136 @@
+"""`aligntok demo` and `aligntok reproduce` end to end on their minimal presets, and the aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from aligntok import standins
+from aligntok.cli import main
+from aligntok.config import ConfigError
+from aligntok.experiments.demo import load_experiment_config
+from aligntok.experiments.reproduce import load_reproduce_config, mean_std, run_reproduce, steps_to_reach
+from aligntok.standins import EvalNetworkSettings
+
+# An evaluation network trained for 4 steps: the tests check the plumbing, not its judgement.
+TINY_EVAL = EvalNetworkSettings(widths=(8, 16, 16), resolution=64, steps=4, batch_size=8, data_size=32,
+                                heldout_size=20, warmup_steps=1)
+
+
+@pytest.fixture
+def tiny_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv(standins.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(standins.EVAL_NETWORKS, "tiny", TINY_EVAL)
+
+
+def _finite_numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for value in tree.values() for x in _finite_numbers(value)]
+    if isinstance(tree, list):
+        return [x for value in tree for x in _finite_numbers(value)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path, tiny_eval, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny"]) == 0
+    report = (out / "report.html").read_text()
+    for heading in ("Metrics", "Generation", "Inputs and reconstructions", "Samples per class", "Loss curves"):
+        assert f"<h2>{heading}</h2>" in report
+    assert "<code>random</code>" in report  # the intro names the encoder (the minimal preset's is random)
+    assert "not LPIPS-VGG" in report and report.count("data:image/png;base64") >= 5
+    results = json.loads((out / "results" / "demo.json").read_text())
+    for stage in ("1", "2", "3"):
+        metrics = results["reconstruction"][stage]
+        for key in ("psnr", "ssim", "perceptual", "rfd", "linear_probe"):
+            assert math.isfinite(metrics[key]), (stage, key)
+        assert 0 <= metrics["linear_probe"] <= 1
+    for kind in ("guided", "unguided"):
+        assert math.isfinite(results["generation"][kind]["gfd"]) and results["generation"][kind]["num_samples"] == 20
+    assert results["generation"]["guided"]["sampler"]["cfg_scale"] == 4.0
+    assert results["generation"]["unguided"]["sampler"]["cfg_scale"] == 1.0
+
+    # A second run reads everything back: no training, same numbers.
+    weights = out / "dit" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    trained = dict(standins.TRAINING_RUNS)
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny"]) == 0
+    assert weights.stat().st_mtime_ns == before and standins.TRAINING_RUNS == trained
+    again = json.loads((out / "results" / "demo.json").read_text())
+    assert again["reconstruction"] == results["reconstruction"] and again["generation"] == results["generation"]
+
+    # Another config into the same folder would read this one's results back: refused in one line.
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny", "dit.train.steps=7"]) == 2
+    assert "holds results of another experiment config" in capsys.readouterr().err
+
+
+def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path, tiny_eval):
+    out = tmp_path / "reproduce"
+    run_reproduce(out, preset="minimal", overrides=["experiment.eval.eval_network=tiny"], progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tokenizer_table"]) == {"aligntok", "vae", "vavae"}
+    for method, row in results["tokenizer_table"].items():
+        for key in ("psnr", "linear_probe", "gfd_guided", "gfd_unguided", "rfd", "perceptual"):
+            assert row[key]["n"] == 2 and all(math.isfinite(v) for v in row[key]["values"]), (method, key)
+        # Seeds change training and sampling: the two runs differ.
+        assert row["psnr"]["values"][0] != row["psnr"]["values"][1]
+    # The DiT checkpoints every 3 of 6 steps: the training-step curve has both points for every method.
+    for curves in results["curves"].values():
+        assert [p["x"] for p in curves["by_training_step"]] == [3.0, 6.0]
+        assert [p["x"] for p in curves["by_sampling_steps"]] == [1.0, 2.0]
+        assert [p["x"] for p in curves["by_cfg_scale"]] == [1.0, 2.0]
+    assert list(results["ablation"]) == ["stage 1 only", "stages 1+2, w_sp=0", "stages 1+2, w_sp=1", "all three stages"]
+    assert set(results["steps_to_reach_vae_final_gfd"]) == {"target_gfd_unguided", "aligntok", "vae", "vavae"}
+    # The final checkpoint's gFD without guidance is the table's (the same samples from the same EMA weights).
+    for method, per_seed in results["per_seed"].items():
+        for r in per_seed.values():
+            assert r["by_training_step"]["6"]["gfd"] == pytest.approx(r["unguided"]["gfd"], rel=1e-6)
+    assert _finite_numbers(results["tokenizer_table"])
+
+    runs = out / "runs"
+    # Baselines train one stage as long as AlignTok's three together (3 + 2 + 2 steps).
+    vae_log = (runs / "vae" / "seed0" / "tokenizer" / "train" / "stage1" / "log.jsonl").read_text().splitlines()
+    assert json.loads(vae_log[-1])["step"] == 7
+    # The ablation starts from the main run's stage 1, and reuses its stage 2 where w_sp is the main run's.
+    main_stage1 = (runs / "aligntok" / "seed0" / "tokenizer" / "stage1" / "model.safetensors").read_bytes()
+    ablation = runs / "ablation" / "seed0"
+    assert (ablation / "stages12_w_sp0" / "tokenizer" / "stage1" / "model.safetensors").read_bytes() == main_stage1
+    assert not (ablation / "stages12_w_sp1" / "tokenizer" / "train").exists()  # copied, not retrained
+    assert (ablation / "stages12_w_sp0" / "tokenizer" / "train" / "stage2").is_dir()
+    for plot in ("gfd_vs_training_steps", "gfd_vs_sampling_steps", "gfd_vs_cfg_scale"):
+        assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.html").read_text()
+    assert all(name in report for name in ("AlignTok", "VA-VAE", "VAE", "w_sp", "± "))
+
+
+def test_presets_load_and_validate():
+    demo = load_experiment_config(["demo"])
+    assert demo.tokenizer.model.encoder == "standin:dinov2-shapes" and demo.tokenizer.method == "aligntok"
+    for preset in ("quick", "full", "minimal"):
+        cfg = load_reproduce_config(preset)
+        assert cfg.methods == ["aligntok", "vae", "vavae"] and len(cfg.seeds) >= 2
+    assert len(load_reproduce_config("full").seeds) >= 3 and len(load_reproduce_config("quick").seeds) >= 3
+    with pytest.raises(ConfigError, match="held-out seed"):
+        load_reproduce_config("minimal", ["seeds=[0,777]"])
+    with pytest.raises(ConfigError, match="methods"):
+        load_reproduce_config("minimal", ["methods=[aligntok,sdvae]"])
+    with pytest.raises(ConfigError, match="preset"):
+        load_reproduce_config("huge")
+
+
+def test_cli_rejects_an_unknown_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--preset", "huge"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_mean_std_and_steps_to_reach():
+    stats = mean_std([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(1.0) and stats["n"] == 3
+    assert mean_std([4.0])["std"] == 0.0
+    curve = [{"x": 100.0, "mean": 9.0}, {"x": 200.0, "mean": 5.0}, {"x": 300.0, "mean": 4.0}]
+    assert steps_to_reach(curve, 5.0) == 200.0
+    assert steps_to_reach(curve, 4.5) == 300.0
+    assert steps_to_reach(curve, 1.0) is None
