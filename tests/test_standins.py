@@ -189,6 +189,14 @@ def test_resolve_encoder_spec(cache, monkeypatch):
     path = resolve_encoder_spec("standin:tiny", progress=False)
     assert path == str(ensure_standin_encoder(TINY_ENCODER, progress=False))
 
+    # Every command takes the spec: load_encoder resolves it to the cached directory (no second training).
+    runs = standins.TRAINING_RUNS["encoder"]
+    by_spec, by_path = load_encoder("standin:tiny", stride=8), load_encoder(path, stride=8)
+    assert standins.TRAINING_RUNS["encoder"] == runs
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(by_spec.eval()(x), by_path.eval()(x), rtol=0, atol=0)
+
 
 def test_presets_by_name(cache, monkeypatch):
     with pytest.raises(ValueError, match="unknown stand-in encoder 'nope'; available: dinov2-shapes"):

@@ -223,7 +223,8 @@ class Experiment:
         return LatentTokenizer.from_pretrained(self.tokenizer_dir(stage)).eval()
 
     @torch.inference_mode()
-    def _encode(self, tokenizer, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, tokenizer, images: torch.Tensor) -> torch.Tensor:
+        """Latents of uint8 images, in batches."""
         from aligntok.eval.images import from_uint8
 
         size = self.cfg.eval.batch_size
@@ -255,10 +256,10 @@ class Experiment:
         reconstructions = self.reconstruct(tokenizer, images)
         metrics.update(images, reconstructions)
         recon = metrics.compute()
-        train_images, train_labels = _probe_training_set(self.cfg, self.resolution)
+        train_images, train_labels = probe_training_set(self.cfg, self.resolution)
         probe = linear_probe(
-            average_pool(self._encode(tokenizer, train_images)), train_labels,
-            average_pool(self._encode(tokenizer, images)), labels,
+            average_pool(self.encode(tokenizer, train_images)), train_labels,
+            average_pool(self.encode(tokenizer, images)), labels,
         )
         return {
             "psnr": recon["psnr"], "ssim": recon["ssim"], "perceptual": recon["lpips"], "rfd": recon["rfid"],
@@ -350,7 +351,8 @@ class _PerceptualDistance:
         return builtin_perceptual_distance(originals, reconstructions, network=self.network)
 
 
-def _probe_training_set(cfg: ExperimentConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_training_set(cfg: ExperimentConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images (uint8) and labels the linear probe is fitted on: the first of the tokenizer's data."""
     from aligntok.data.builtin import render_shapes
 
     return render_shapes(cfg.eval.num_probe_train, resolution, seed=cfg.tokenizer.stage1.train.seed)

@@ -74,7 +74,7 @@ def load_reproduce_config(preset: str, overrides: Sequence[str] = ()) -> Reprodu
     return load_config(ReproduceConfig, [*experiments, preset_path(f"reproduce_{preset}")], overrides)
 
 
-def _seeded(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+def seeded(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     """``cfg`` with every training seed and the sampling seed set to ``seed``."""
     tok = cfg.tokenizer
     stages = {
@@ -89,7 +89,7 @@ def _seeded(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     )
 
 
-def _for_method(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+def for_method(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
     """A baseline trains its one stage for as many steps as AlignTok's stages together (same budget)."""
     if method == "aligntok":
         return cfg
@@ -132,15 +132,12 @@ class _Runner:
 
     def main_run(self, method: str, seed: int) -> dict[str, Any]:
         """One method and seed: tokenizer, DiT, the table's metrics and Figure 4's curves."""
-        cfg = _for_method(_seeded(self.rcfg.experiment, seed), method)
+        cfg = for_method(seeded(self.rcfg.experiment, seed), method)
         e = self.experiment(cfg, f"{method}/seed{seed}")
         e.train_tokenizer()
-        result: dict[str, Any] = {"tokenizer": e.evaluate_tokenizer()}
-        e.train_dit()
+        result = self._measure(e)
         guided = cfg.eval.sampler
         unguided = dataclasses.replace(guided, cfg_scale=1.0)
-        result["guided"] = e.evaluate_samples("guided", guided)
-        result["unguided"] = e.evaluate_samples("unguided", unguided)
         result["by_training_step"] = {
             step: e.evaluate_samples(f"unguided_step{step}", unguided, checkpoint=path)
             for step, path in e.dit_checkpoints()
@@ -157,7 +154,7 @@ class _Runner:
 
     def ablation(self, seed: int) -> dict[str, Any]:
         """Stage 1 only, stages 1+2 for each w_sp (all from the main run's stage 1), and all three stages."""
-        base = _seeded(self.rcfg.experiment, seed)
+        base = seeded(self.rcfg.experiment, seed)
         main = self.experiment(base, f"aligntok/seed{seed}")
         rows: dict[str, Any] = {}
         variants: list[tuple[str, ExperimentConfig, int]] = [("stage 1 only", base, 1)]
@@ -176,6 +173,7 @@ class _Runner:
 
     @staticmethod
     def _measure(e: Experiment) -> dict[str, Any]:
+        """The table's columns for one trained tokenizer: its metrics, then a DiT's gFD with and without guidance."""
         tokenizer = e.evaluate_tokenizer()
         e.train_dit()
         guided = e.cfg.eval.sampler
