@@ -70,8 +70,8 @@ def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] 
         )
     for name, sampler in (("guided", guided), ("unguided", unguided)):
         if name not in kept:  # results read back from an earlier run: draw the shown samples again
-            kept[name] = experiment.generate(experiment.load_dit(), experiment.load_tokenizer(), sampler,
-                                             num=_GRID_COLUMNS * experiment.load_dit().num_classes)
+            dit = experiment.load_dit()
+            kept[name] = experiment.generate(dit, experiment.load_tokenizer(), sampler, num=_GRID_COLUMNS * dit.num_classes)
     timings["total"] = round(steps.elapsed(), 1)
     results = {"reconstruction": recon, "generation": generation, "timings_seconds": timings}
     (out / "results" / "demo.json").write_text(json.dumps(results, indent=2) + "\n")

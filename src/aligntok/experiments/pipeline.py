@@ -248,6 +248,7 @@ class Experiment:
     def _evaluate_tokenizer(self, stage: int) -> dict[str, Any]:
         from aligntok.eval.probe import average_pool, linear_probe
         from aligntok.eval.recon import ReconMetrics
+
         self.progress.say(f"evaluating the tokenizer after stage {stage}")
         started = time.perf_counter()
         tokenizer = self.load_tokenizer(stage)
