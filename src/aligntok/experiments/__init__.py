@@ -1,0 +1,1 @@
+"""Whole pipelines on the built-in data: ``aligntok demo`` and ``aligntok reproduce``."""
