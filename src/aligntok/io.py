@@ -1,4 +1,4 @@
-"""File-system helpers shared by everything that writes model directories."""
+"""File-system helpers shared by everything that writes files other processes or later runs read."""
 
 from __future__ import annotations
 
@@ -7,6 +7,22 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a uniquely named sibling file and a rename: a reader never sees half
+    a file, and concurrent writers never share a temporary file. Creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
 
 
 def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:

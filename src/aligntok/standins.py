@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, check_choice, config_to_dict
-from aligntok.data.builtin import BACKGROUNDS, SHAPE_NAMES, TEXTURES, Scene, ShapesDataset, render_scene
+from aligntok.data.builtin import BACKGROUNDS, SHAPE_NAMES, TEXTURES, Scene, ShapesDataset, render_scenes
 from aligntok.eval.features import ImageInput, ModuleFeatures, extract_features, uint8_batches
 from aligntok.eval.fid import FeatureStats, frechet_distance
 from aligntok.eval.images import from_uint8
@@ -358,8 +358,7 @@ class _ShapesInMemory:
     def render(cls, seed: int, size: int, resolution: int) -> _ShapesInMemory:
         dataset = ShapesDataset(size, resolution, seed=seed)
         scenes = [dataset.scene(i) for i in range(size)]
-        pixels = np.stack([np.asarray(render_scene(scene, resolution)) for scene in scenes])
-        return cls(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), _scene_targets(scenes))
+        return cls(render_scenes(scenes, resolution), _scene_targets(scenes))
 
     def __len__(self) -> int:
         return self.images.shape[0]

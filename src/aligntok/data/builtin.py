@@ -341,6 +341,10 @@ def render_shapes(size: int, resolution: int, *, seed: int = 0) -> tuple[torch.T
     images and int64 (N,) labels (for evaluation sets held in memory)."""
     dataset = ShapesDataset(size, resolution, seed=seed)
     scenes = [dataset.scene(i) for i in range(size)]
+    return render_scenes(scenes, resolution), torch.tensor([scene.label for scene in scenes], dtype=torch.long)
+
+
+def render_scenes(scenes: list[Scene], resolution: int) -> torch.Tensor:
+    """Scenes drawn at ``resolution`` as one uint8 (N, 3, R, R) tensor."""
     pixels = np.stack([np.asarray(render_scene(scene, resolution)) for scene in scenes])
-    labels = torch.tensor([scene.label for scene in scenes], dtype=torch.long)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()

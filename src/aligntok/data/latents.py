@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from aligntok.data import build_dataset, collate_samples
 from aligntok.data.shards import ShardDataset
+from aligntok.io import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +223,6 @@ def _resolved_spec(data: str) -> str:
     return str(Path(data).resolve()) if os.path.exists(data) else data
 
 
-def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def _prepare_directory(out: Path, plan: dict[str, Any]) -> None:
     """Create the cache directory or check that its shards were made with the same settings."""
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +239,7 @@ def _prepare_directory(out: Path, plan: dict[str, Any]) -> None:
                 "use another --out or delete it"
             )
     else:
-        _write_json_atomically(plan_path, plan)
+        write_text_atomically(plan_path, json.dumps(plan, indent=2) + "\n")
 
 
 def _collective(dist: Any, action: Any) -> Any:
@@ -349,7 +344,7 @@ def cache_latents(
             num_classes=int(getattr(dataset, "num_classes", 0)),
             class_names=list(getattr(dataset, "class_names", [])),
         )
-        _write_json_atomically(out / CACHE_FILE, metadata)
+        write_text_atomically(out / CACHE_FILE, json.dumps(metadata, indent=2) + "\n")
         # Normalisation constants live in the tokenizer's config; reload on the CPU so that exactly the
         # saved weights are written back.
         updated = AlignTokTokenizer.from_pretrained(tokenizer_dir)

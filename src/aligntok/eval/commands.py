@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
@@ -46,6 +45,7 @@ from aligntok.eval.probe import average_pool, cknna, evaluate_probe
 from aligntok.eval.provenance import build_provenance, sha256_file
 from aligntok.eval.recon import LPIPS_NETS, LPIPSMetric, ReconMetrics
 from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
+from aligntok.io import write_text_atomically
 from aligntok.training.distributed import (
     DistInfo,
     broadcast_object,
@@ -648,17 +648,7 @@ def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     }
     if non_finite:
         document["non_finite"] = non_finite
-    text = json.dumps(_strict_json(document), indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    return path
+    return write_text_atomically(path, json.dumps(_strict_json(document), indent=2, allow_nan=False) + "\n")
 
 
 def _number(value: Any, digits: int) -> str:

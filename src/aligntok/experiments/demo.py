@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from aligntok.config import load_config
-from aligntok.experiments.pipeline import Experiment, ExperimentConfig, Progress, ensure_standins
+from aligntok.experiments.pipeline import Experiment, ExperimentConfig, Progress, ensure_standins, write_json
 
 __all__ = ["PRESETS", "preset_path", "load_experiment_config", "run_demo"]
 
@@ -74,7 +73,7 @@ def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] 
             kept[name] = experiment.generate(dit, experiment.load_tokenizer(), sampler, num=_GRID_COLUMNS * dit.num_classes)
     timings["total"] = round(steps.elapsed(), 1)
     results = {"reconstruction": recon, "generation": generation, "timings_seconds": timings}
-    (out / "results" / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results" / "demo.json", results)
     report = _write_demo_report(experiment, results, kept)
     steps.say(f"done: {report}")
     return report
@@ -120,12 +119,13 @@ def _intro(experiment: Experiment) -> str:
     cfg = experiment.cfg
     accuracy = read_standin_info(Path(experiment.eval_network.weights_path).parent).get("heldout_class_accuracy")
     encoder = cfg.tokenizer.model.encoder
+    side = cfg.dit.model_config().input_size  # the latent side (the DiT is checked against the latents)
     lines = [
         f"<b>This is a miniature.</b> The foundation encoder is <code>{html.escape(encoder)}</code>"
         + (", a small DINOv2-architecture ViT trained for seconds on the built-in shapes (aligntok.standins), "
            "not a real DINOv2" if encoder.startswith("standin:") else "")
         + f"; images are {experiment.resolution} px, the latent is "
-        f"{cfg.tokenizer.model.latent_channels}x{experiment.resolution // 16}x{experiment.resolution // 16}, and the "
+        f"{cfg.tokenizer.model.latent_channels}x{side}x{side}, and the "
         f"LightningDiT has width {cfg.dit.model_config().hidden_size} and depth {cfg.dit.model_config().depth}.",
         "No pretrained network can be downloaded offline, so: gFD and rFD are Fréchet distances in the features of "
         f"a small CNN trained on the same data (evaluation network <code>{html.escape(cfg.eval.eval_network)}</code>, "

@@ -33,6 +33,7 @@ import torch
 from aligntok.config import ConfigError, config_to_dict, load_config, save_config
 from aligntok.diffusion.samplers import SamplerConfig
 from aligntok.diffusion.training import DiTTrainConfig
+from aligntok.io import write_text_atomically
 from aligntok.training.stages import TokenizerTrainConfig, stage_output_dir
 
 __all__ = [
@@ -133,11 +134,9 @@ def ensure_standins(cfg: ExperimentConfig, progress: Progress) -> dict[str, floa
     return seconds
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON, written atomically."""
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def _once(path: Path, compute: Callable[[], Any]) -> Any:
@@ -145,7 +144,7 @@ def _once(path: Path, compute: Callable[[], Any]) -> Any:
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    _write_json(path, value)
+    write_json(path, value)
     return value
 
 

@@ -18,7 +18,6 @@ and the evaluation network are shared. Results are mean +- standard deviation ov
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import statistics
 from collections.abc import Sequence
@@ -30,7 +29,9 @@ import yaml
 from aligntok.config import ConfigError, check_choice, load_config, save_config
 from aligntok.experiments.demo import PRESETS as EXPERIMENT_PRESETS
 from aligntok.experiments.demo import preset_path
-from aligntok.experiments.pipeline import Experiment, ExperimentConfig, Progress, ensure_standins, heldout_set
+from aligntok.experiments.pipeline import (
+    Experiment, ExperimentConfig, Progress, ensure_standins, heldout_set, write_json,
+)
 from aligntok.training.stages import METHOD_STAGES
 
 __all__ = ["ReproduceConfig", "load_reproduce_config", "run_reproduce", "PRESETS"]
@@ -208,7 +209,7 @@ def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequ
     results["preset"] = preset
     results["command"] = " ".join(["aligntok reproduce", f"--preset {preset}", *overrides])
     results["seconds"] = round(steps.elapsed(), 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     report = write_reproduce_report(out, rcfg, results, runner.network)
     steps.say(f"done in {results['seconds'] / 60:.1f} min: {report}")
     return report

@@ -55,7 +55,7 @@ def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) ->
         "<div class='note'>The paper's comparisons in miniature on the built-in shapes dataset: "
         f"foundation encoder <code>{html.escape(exp.tokenizer.model.encoder)}</code>, "
         f"{exp.tokenizer.data.resolution} px images, {exp.tokenizer.model.latent_channels}-channel "
-        f"{exp.tokenizer.data.resolution // 16}x{exp.tokenizer.data.resolution // 16} latents, a "
+        f"{exp.dit.model_config().input_size}x{exp.dit.model_config().input_size} latents, a "
         f"width-{exp.dit.model_config().hidden_size} depth-{exp.dit.model_config().depth} LightningDiT trained "
         f"{exp.dit.train.steps} steps, {exp.eval.num_samples} samples per gFD, {exp.eval.num_heldout} held-out images. "
         f"gFD and rFD are Fréchet distances in the features of a CNN trained on the same data "

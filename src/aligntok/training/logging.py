@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from aligntok.config import ConfigError, config_to_dict
+from aligntok.io import write_text_atomically
 
 LOG_FILE = "log.jsonl"
 SKIPPED_IMAGES_FILE = "skipped_images.txt"
@@ -52,9 +52,7 @@ def truncate_log(path: Path, last_step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a torn last line from a killed process
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text("".join(line + "\n" for line in kept))
-    os.replace(temp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _jsonable(value: Any) -> Any:
