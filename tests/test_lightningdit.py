@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -356,3 +357,79 @@ def test_importer_rejects_wrong_preset_and_unsafe_or_empty_files(tmp_path):
         import_lightningdit_checkpoint(tmp_path / "pickled.pt", tmp_path / "out")
     with pytest.raises(ValueError, match="checkpoint not found"):
         import_lightningdit_checkpoint(tmp_path / "absent.pt", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance as the reference applies it
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_forward_with_cfg(model, x, t, y, cfg_scale, cfg_interval, cfg_interval_start):
+    """A re-statement of the reference's ``LightningDiT.forward_with_cfg`` (hustvl/LightningDiT,
+    models/lightningdit.py, commit 2725fed): the batch is a conditional half and an unconditional half; the
+    model runs on the first half's latents twice; only output channels 0-2 are guided, identically in both
+    halves; with ``cfg_interval`` true, a batch whose ``t[0]`` is below ``cfg_interval_start`` is not guided;
+    the other channels stay as the model gave them (so the conditional half holds the conditional ones)."""
+    half = x[: len(x) // 2]
+    out = model(torch.cat([half, half]), t, y)
+    cond, uncond = out[: len(x) // 2, :3], out[len(x) // 2 :, :3]
+    guided = uncond + cfg_scale * (cond - uncond)
+    if cfg_interval and t[0] < cfg_interval_start:
+        guided = cond
+    return torch.cat([torch.cat([guided, guided]), out[:, 3:]], dim=1)
+
+
+def _reference_euler_sample(model, z, y, null, num_points, shift, cfg_scale, cfg_interval_start):
+    """The reference's guided ODE sampling (inference.py with sample_ode, Euler): ``z`` and the labels doubled
+    with the null label, the grid ``linspace(0, 1, num_points)`` (float32) shifted as ``s t / (1 + (s - 1) t)``,
+    one Euler step per grid interval, and the conditional half of the result."""
+    grid = torch.linspace(0, 1, num_points)
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    x, labels = torch.cat([z, z]), torch.cat([y, torch.full_like(y, null)])
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        v = _reference_forward_with_cfg(model, x, torch.full((len(x),), float(t)), labels, cfg_scale, True, cfg_interval_start)
+        x = x + (t_next - t) * v
+    return x.chunk(2)[0]
+
+
+def _guidance_model() -> LightningDiT:
+    options = {**MODERN, "in_channels": 8, "input_size": 4, "num_classes": 5}
+    model = LightningDiT(LightningDiTConfig(**options)).eval()
+    model.load_state_dict(_deterministic_weights(model), strict=False)
+    return model
+
+
+@pytest.mark.parametrize("t", [0.05, 0.0999, 0.1, 0.3, 0.95])
+def test_cfg_channels_3_gives_the_reference_forward_with_cfg(t):
+    from aligntok.diffusion.samplers import guided_velocity
+
+    model = _guidance_model()
+    x = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 4, 2])
+    t_ref = torch.full((6,), t)  # the reference gets float32 times, as the sampler calls the model with
+    with torch.no_grad():
+        expected = _reference_forward_with_cfg(
+            model, torch.cat([x, x]), t_ref, torch.cat([y, torch.full_like(y, 5)]), 6.7, True, 0.1
+        )[:3]
+        ours = guided_velocity(model, x, float(t_ref[0]), y, cfg_scale=6.7, null_label=5, interval=(0.1, 1.0), channels=3)
+        every_channel = guided_velocity(model, x, float(t_ref[0]), y, cfg_scale=6.7, null_label=5, interval=(0.1, 1.0))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    guided = t >= 0.1
+    assert torch.allclose(every_channel[:, :3], ours[:, :3])  # the guided channels agree either way
+    assert torch.allclose(every_channel[:, 3:], ours[:, 3:]) != guided  # the rest only without guidance
+
+
+def test_guided_sampling_with_cfg_channels_3_follows_the_reference():
+    from aligntok.diffusion.samplers import SamplerConfig, sample
+
+    model = _guidance_model()
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1, 3])
+    with torch.no_grad():
+        # 9 grid points with shift 0.3: the first three (t = 0, 0.041, 0.091) fall before the interval's start.
+        expected = _reference_euler_sample(model, z, y, 5, num_points=9, shift=0.3, cfg_scale=10.0, cfg_interval_start=0.1)
+    config = SamplerConfig(method="euler", num_steps=8, cfg_scale=10.0, cfg_channels=3, cfg_interval_start=0.1, timestep_shift=0.3)
+    ours = sample(model, y, config, noise=z)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    every_channel = sample(model, y, dataclasses.replace(config, cfg_channels=None), noise=z)
+    assert (every_channel - expected).abs().max() > 1e-2  # guiding every channel is another sampler

@@ -64,15 +64,37 @@ def test_guidance_scale_one_is_the_unguided_model():
     assert all(size == 4 for size, _ in model.calls)  # no unconditional pass was made
 
 
-def test_guidance_acts_on_every_channel():
+def test_guidance_acts_on_every_channel_by_default():
     model = GaussianVelocity()
     x, labels = torch.randn(2, CHANNELS, 3, 3), torch.tensor([1, 2])
     t = torch.full((2,), 0.6)
     cond, uncond = model(x, t, labels), model(x, t, torch.full((2,), NULL))
     out = guided_velocity(model, x, 0.6, labels, cfg_scale=4.0, null_label=NULL)
     torch.testing.assert_close(out, uncond + 4.0 * (cond - uncond))
-    # Every channel, not only the first three (the reference's bug), differs from the conditional output.
+    # Every channel, not only the first three (the reference's choice), differs from the conditional output.
     assert bool((out - cond).abs().amax(dim=(0, 2, 3)).gt(1e-3).all())
+
+
+def test_cfg_channels_guides_only_the_first_channels():
+    model = GaussianVelocity()
+    x, labels = torch.randn(2, CHANNELS, 3, 3), torch.tensor([1, 2])
+    t = torch.full((2,), 0.6)
+    cond, uncond = model(x, t, labels), model(x, t, torch.full((2,), NULL))
+    out = guided_velocity(model, x, 0.6, labels, cfg_scale=4.0, null_label=NULL, channels=3)
+    torch.testing.assert_close(out[:, :3], (uncond + 4.0 * (cond - uncond))[:, :3])
+    assert torch.equal(out[:, 3:], cond[:, 3:])
+    every = guided_velocity(model, x, 0.6, labels, cfg_scale=4.0, null_label=NULL, channels=CHANNELS)
+    torch.testing.assert_close(every, guided_velocity(model, x, 0.6, labels, cfg_scale=4.0, null_label=NULL))
+    # Through the sampler: only the guided channels move away from the unguided trajectory.
+    config = SamplerConfig(num_steps=6, cfg_scale=4.0, cfg_channels=2, cfg_interval_start=0.0)
+    guided = sample(model, labels, config, noise=x, null_label=NULL)
+    unguided = sample(model, labels, SamplerConfig(num_steps=6), noise=x)
+    assert torch.equal(guided[:, 2:], unguided[:, 2:])
+    assert not torch.allclose(guided[:, :2], unguided[:, :2])
+    with pytest.raises(ValueError, match="cfg_channels=7 exceeds the latent's 6 channels"):
+        guided_velocity(model, x, 0.6, labels, cfg_scale=4.0, null_label=NULL, channels=7)
+    with pytest.raises(ConfigError, match="cfg_channels=0 must be a positive number"):
+        SamplerConfig(cfg_channels=0).validate()
 
 
 def test_guidance_interval_switches_exactly_where_set():

@@ -1,20 +1,28 @@
 """Samplers for velocity models: Euler and Heun ODE, Euler-Maruyama SDE, classifier-free guidance.
 
 Time runs from ``t = 0`` (noise) to ``t = 1`` (data), the convention of :mod:`.transport` and of the
-reference LightningDiT code. Differences from that code, on purpose:
+reference LightningDiT code (hustvl/LightningDiT), whose model is called with the same ``t``.
 
-* Guidance is applied to every latent channel. The reference's ``forward_with_cfg`` guides only the
-  first three channels (a leftover from 4-channel SD-VAE latents).
-* ``num_steps`` is the number of integration steps. The reference integrates over
-  ``linspace(0, 1, num_steps)``, i.e. ``num_steps - 1`` steps, so its "250 steps" is our 249.
+Guidance: ``uncond + cfg_scale * (cond - uncond)`` on the first ``cfg_channels`` latent channels (all
+when ``None``, the textbook form); the other channels take the conditional velocity. The reference's
+``forward_with_cfg`` guides only the first 3 channels (a leftover of DiT's 4-channel SD-VAE latents), and
+the paper's scales (10 at 64 epochs, 6.7 at 800) are that reference's defaults: they were tuned with 3 of
+32 channels guided, so used on every channel they over-guide. ``cfg_channels=3`` reproduces the reference
+exactly, and is what the paper configs use.
 
-Shared with it: the timestep shift ``t -> s t / (1 + (s - 1) t)`` on the uniform grid (s = 0.3 in the
-paper: small steps near the noise end; ``s = 0`` or ``1`` turns it off, as there) and the guidance
-interval: guidance only where ``cfg_interval_start <= t <= cfg_interval_end``; elsewhere the conditional
-velocity alone is used (one model call instead of two).
+Shared with the reference: the timestep shift ``t -> s t / (1 + (s - 1) t)`` on the uniform grid (s = 0.3
+in the paper: small steps near the noise end; ``s = 0`` or ``1`` turns it off, as there) and the guidance
+interval: guidance only where ``cfg_interval_start <= t <= cfg_interval_end``, with ``t`` the time the
+model is called with; elsewhere the conditional velocity alone is used (one model call instead of two).
+The reference has no end (ours defaults to 1) and starts at 0.10 in its 64-epoch config, 0.125 in its
+800-epoch one (0.11 in its default config); the paper states 0.10.
+
+One difference on purpose: ``num_steps`` is the number of integration steps. The reference integrates over
+``linspace(0, 1, num_steps)``, i.e. ``num_steps - 1`` steps, so its "250 steps" is our 249.
 
 The samplers return latents in the model's (normalised) space. Pass ``denormalize`` (e.g.
-``lambda z: z * std + mean`` with the tokenizer's per-channel statistics) to get the tokenizer's space.
+``lambda z: z * std + mean`` with the per-channel statistics the DiT was trained with) to get the
+tokenizer's space.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ class SamplerConfig:
 
     method: str = "euler"  #: euler | heun (ODE) | euler_maruyama (SDE)
     num_steps: int = 250  #: integration steps (heun calls the model twice per step)
-    cfg_scale: float = 1.0  #: classifier-free guidance scale; 1 = no guidance (paper: ~10 at 64 ep, 6.7 at 800)
-    cfg_interval_start: float = 0.10  #: guidance only for t >= this (t=0 is noise); paper 0.10, reference 0.125
+    cfg_scale: float = 1.0  #: classifier-free guidance scale; 1 = no guidance (paper: ~10 at 64 ep, 6.7 at 800, with cfg_channels=3)
+    cfg_channels: int | None = None  #: guide only the first this-many latent channels (reference and paper: 3); None = all
+    cfg_interval_start: float = 0.10  #: guidance only for t >= this (t=0 is noise); paper 0.10; reference 0.10 (64 ep), 0.125 (800 ep)
     cfg_interval_end: float = 1.0  #: ... and t <= this
     timestep_shift: float = 0.3  #: grid shift s in s*t/(1+(s-1)*t); 0 or 1 = uniform grid
     sde_diffusion: float = 1.0  #: euler_maruyama only: noise level w(t) = sde_diffusion * (1 - t)
@@ -58,6 +67,8 @@ class SamplerConfig:
             )
         if self.sde_diffusion < 0:
             raise ConfigError(f"sde_diffusion={self.sde_diffusion} must be >= 0")
+        if self.cfg_channels is not None and (isinstance(self.cfg_channels, bool) or self.cfg_channels < 1):
+            raise ConfigError(f"cfg_channels={self.cfg_channels} must be a positive number of channels, or null for all")
 
 
 def timestep_grid(num_steps: int, shift: float = 0.0) -> list[float]:
@@ -96,12 +107,20 @@ def guided_velocity(
     cfg_scale: float,
     null_label: int | None,
     interval: tuple[float, float] = (0.0, 1.0),
+    channels: int | None = None,
 ) -> torch.Tensor:
-    """The velocity at time ``t`` for every sample, guided on all channels when ``t`` is in ``interval``.
+    """The velocity (B, C, H, W) at time ``t`` for every sample, guided when ``t`` is in ``interval``.
 
-    ``uncond + cfg_scale * (cond - uncond)``, with the conditional and unconditional halves in one
-    batched model call. Outside the interval, or for ``cfg_scale == 1``, the conditional velocity alone.
+    ``uncond + cfg_scale * (cond - uncond)`` on the first ``channels`` channels (all when None) and the
+    conditional velocity on the rest, with the conditional and unconditional halves in one batched model
+    call: with ``channels=3`` this is the reference's ``forward_with_cfg`` (its conditional half).
+    Outside the interval, or for ``cfg_scale == 1``, the conditional velocity alone (one call of batch B).
+
+    Raises:
+        ValueError: no null label to guide with, or ``channels`` exceeds the latent's C.
     """
+    if channels is not None and channels > x.shape[1]:
+        raise ValueError(f"cfg_channels={channels} exceeds the latent's {x.shape[1]} channels")
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
     if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
         return model(x, t_batch, labels).float()
@@ -110,7 +129,10 @@ def guided_velocity(
     null = torch.full_like(labels, null_label)
     both = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])).float()
     cond, uncond = both.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    if channels is None:
+        return uncond + cfg_scale * (cond - uncond)
+    guided = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
 def _resolve_null_label(model: VelocityModel, null_label: int | None, config: SamplerConfig) -> int | None:
@@ -173,7 +195,10 @@ def sample(
     interval = (config.cfg_interval_start, config.cfg_interval_end)
 
     def velocity(state: torch.Tensor, t: float) -> torch.Tensor:
-        return guided_velocity(model, state, t, labels, cfg_scale=config.cfg_scale, null_label=null_label, interval=interval)
+        return guided_velocity(
+            model, state, t, labels, cfg_scale=config.cfg_scale, null_label=null_label, interval=interval,
+            channels=config.cfg_channels,
+        )
 
     grid = timestep_grid(config.num_steps, config.timestep_shift)
     with torch.inference_mode():
