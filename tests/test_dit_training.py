@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ def test_paper_configs_reproduce_the_reference_runs():
         assert cfg.optim.lr == 2e-4 and tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.weight_decay == 0
         assert cfg.transport.time_sampling == "lognormal" and cfg.transport.cosine_weight == 1.0
         assert cfg.train.precision == "bf16" and cfg.data.hflip
+        # Sampled as the reference does: its scales with guidance on the first 3 channels, from t = 0.10.
+        assert cfg.sample.cfg_channels == 3 and cfg.sample.cfg_interval_start == 0.10
+        assert cfg.sample.cfg_scale == (10.0 if steps == 80_000 else 6.7) and cfg.sample.timestep_shift == 0.3
 
 
 def test_a_preset_sets_the_sizes_and_contradictions_are_refused(setup):
@@ -112,6 +116,28 @@ def test_the_tiny_config_loss_falls_and_its_samples_decode_to_images(setup, tiny
                                  SampleConfig(num=4, batch_size=4, sampler=SamplerConfig(num_steps=4, cfg_scale=2.0)))
     with np.load(result.samples) as npz:
         assert npz["arr_0"].shape == (4, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
+
+
+def test_recaching_the_tokenizer_does_not_change_how_a_trained_dit_is_denormalised(setup, tmp_path):
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(setup / "tok", tokenizer)  # cache-latents rewrites the tokenizer: not the shared one
+    cache_latents(tokenizer, "builtin:shapes", tmp_path / "cache", resolution=64, batch_size=32, shard_size=64,
+                  num_workers=0, builtin_size=64, progress=False)
+    trained_with = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    cfg = load_config(DiTTrainConfig, TINY, [f"data.cache={tmp_path / 'cache'}", "train.steps=2", "train.batch_size=4",
+                                             "sample.cfg_channels=2", "sample.num_steps=2"])
+    model_dir = train_dit(cfg, tmp_path / "run")
+    model = LightningDiT.from_pretrained(model_dir)
+    assert model.latent_stats == {"mean": trained_with["latent_mean"], "std": trained_with["latent_std"]}
+    assert model.sampler_settings["cfg_channels"] == 2 and model.sampler_settings["num_steps"] == 2
+    # Another subset re-caches the same tokenizer and rewrites its statistics.
+    cache_latents(tokenizer, "builtin:shapes", tmp_path / "cache2", resolution=64, batch_size=32, shard_size=64,
+                  num_workers=0, builtin_size=16, progress=False)
+    assert AlignTokTokenizer.from_pretrained(tokenizer).config.latent_mean != trained_with["latent_mean"]
+    result = sample_to_directory(model_dir, tokenizer, tmp_path / "samples", SampleConfig(num=2, batch_size=2))
+    assert result.settings["latent_mean"] == trained_with["latent_mean"]
+    assert result.settings["latent_std"] == trained_with["latent_std"]
+    assert result.settings["sampler"]["cfg_channels"] == 2  # recorded with the model
 
 
 def test_the_exported_model_holds_the_ema_weights(setup, tiny_run):

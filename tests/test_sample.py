@@ -97,6 +97,48 @@ def test_latents_are_denormalised_with_the_tokenizers_statistics_before_decoding
     assert np.array_equal(images, expected.permute(0, 2, 3, 1).numpy())
 
 
+def test_latents_are_denormalised_with_the_statistics_the_dit_was_trained_with(models, caplog):
+    """The tokenizer's statistics were rewritten after training (cache-latents run again): the DiT's win."""
+    dit = LightningDiT(LightningDiTConfig(input_size=4, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=NUM_CLASSES))
+    dit.latent_stats = {"mean": [1.0, 2.0, -1.0, 0.5], "std": [0.2, 0.3, 0.4, 0.25]}  # not the tokenizer's
+    dit.save_pretrained(models / "zero_dit_stats")
+    out = models / "zero_stats"
+    with caplog.at_level("WARNING"):
+        sample_to_directory(models / "zero_dit_stats", models / "tok", out,
+                            SampleConfig(num=2, batch_size=2, sampler=SamplerConfig(num_steps=2)))
+    assert "differ from those the DiT was trained with" in caplog.text
+    tok = AlignTokTokenizer.from_pretrained(models / "tok")
+    noise = torch.stack([torch.randn(4, 4, 4, generator=sample_generator(0, i)) for i in range(2)])
+    mean, std = torch.tensor(dit.latent_stats["mean"])[:, None, None], torch.tensor(dit.latent_stats["std"])[:, None, None]
+    with torch.no_grad():
+        expected = ((tok.decode(noise * std + mean) * 127.5 + 127.5).round().clamp(0, 255)).to(torch.uint8)
+    images, _, settings = _read(out)
+    assert np.array_equal(images, expected.permute(0, 2, 3, 1).numpy())
+    assert settings["latent_mean"] == dit.latent_stats["mean"] and settings["latent_stats_from"] == "dit"
+    # A DiT with statistics needs none from the tokenizer; bad recorded statistics are refused in one line.
+    sample_to_directory(models / "zero_dit_stats", models / "raw_tok", models / "zero_raw",
+                        SampleConfig(num=1, sampler=SamplerConfig(num_steps=1)))
+    document = json.loads((models / "zero_dit_stats" / "config.json").read_text())
+    document["latent_stats"]["std"] = [1.0, 1.0]
+    (models / "zero_dit_stats" / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"config\.json: latent_mean/latent_std have 4/2 entries"):
+        LightningDiT.from_pretrained(models / "zero_dit_stats")
+
+
+def test_cli_sampler_options_default_to_the_settings_recorded_with_the_dit(models):
+    dit = LightningDiT.from_pretrained(models / "dit")
+    dit.sampler_settings = {"num_steps": 2, "cfg_scale": 3.0, "cfg_channels": 2, "cfg_interval_start": 0.2}
+    dit.save_pretrained(models / "dit_recorded")
+    common = ["sample", "--dit", str(models / "dit_recorded"), "--tokenizer", str(models / "tok"), "--num", "2"]
+    assert main([*common, "--out", str(models / "recorded"), "--cfg-scale", "2.5"]) == 0
+    sampler = _read(models / "recorded")[2]["sampler"]
+    assert sampler == {**vars(SamplerConfig()), "num_steps": 2, "cfg_scale": 2.5, "cfg_channels": 2, "cfg_interval_start": 0.2}
+    assert main([*common, "--out", str(models / "all"), "--cfg-channels", "all"]) == 0
+    assert _read(models / "all")[2]["sampler"]["cfg_channels"] is None
+    assert main([*common, "--out", str(models / "one"), "--cfg-channels", "1"]) == 0
+    assert _read(models / "one")[2]["sampler"]["cfg_channels"] == 1
+
+
 def test_one_process_and_two_under_torchrun_give_bitwise_identical_samples(models):
     common = ["sample", "--dit", str(models / "dit"), "--tokenizer", str(models / "tok"), "--num", "5", "--steps", "3",
               "--cfg-scale", "2", "--batch-size", "2", "--seed", "7"]
@@ -128,6 +170,8 @@ def test_cli_sample_with_given_labels_and_one_line_errors(models, capsys):
     for bad, message in (
         (["--labels", "7"], "outside the model's classes 0..2"),
         (["--method", "ddim"], "method='ddim' is not one of"),
+        (["--cfg-channels", "5", "--cfg-scale", "2"], "cfg_channels=5 exceeds the latent's 4 channels"),
+        (["--cfg-channels", "0"], "cfg_channels=0 must be a positive number"),
         (["--tokenizer", str(models / "raw_tok")], "has no latent statistics"),
     ):
         assert main([*args, *bad]) == 2

@@ -185,16 +185,28 @@ def _class_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated class numbers like 1,2,3, got {text!r}") from None
 
 
+def _cfg_channels(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of channels or 'all', got {text!r}") from None
+
+
 def _sample(args: argparse.Namespace) -> None:
-    from aligntok.diffusion.samplers import SamplerConfig
-    from aligntok.diffusion.sampling import SampleConfig, sample_to_directory
+    from aligntok.diffusion.sampling import SampleConfig, recorded_sampler, sample_to_directory
     from aligntok.training.distributed import destroy_distributed, is_main
 
     given = {
         "method": args.method, "num_steps": args.steps, "cfg_scale": args.cfg_scale,
-        "cfg_interval_start": args.interval_start, "timestep_shift": args.shift,
+        "cfg_interval_start": args.interval_start, "timestep_shift": args.shift, "cfg_channels": args.cfg_channels,
     }
-    sampler = SamplerConfig(**{k: v for k, v in given.items() if v is not None})  # unset: SamplerConfig's defaults
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("cfg_channels") == "all":
+        given["cfg_channels"] = None
+    # Unset flags: the settings train-dit recorded with the DiT, else SamplerConfig's defaults.
+    sampler = recorded_sampler(args.dit, **given)
     config = SampleConfig(num=args.num, seed=args.seed, labels=args.labels, batch_size=args.batch_size, sampler=sampler)
     result = sample_to_directory(args.dit, args.tokenizer, args.out, config)
     if is_main():
@@ -280,18 +292,26 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
     p.set_defaults(func=_train_dit)
 
-    p = sub.add_parser("sample", help="sample images: PNG grid, ADM .npz and the settings")
+    p = sub.add_parser("sample", help="sample images: PNG grid, ADM .npz and the settings",
+                       description="Sample a trained LightningDiT and decode with its tokenizer. Sampler options "
+                                   "left unset take the values train-dit recorded with the DiT (its config's "
+                                   "`sample` section), else the defaults below.")
     p.add_argument("--dit", type=Path, required=True, help="LightningDiT directory (RUN/model of train-dit)")
     p.add_argument("--tokenizer", required=True, help="the tokenizer whose latents the DiT was trained on")
     p.add_argument("--num", type=int, required=True,
                    help="number of samples (under torchrun put -- before `sample`: torchrun reads --num as --numa-binding)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1 = none; paper: ~10 at 64 ep, 6.7 at 800)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="guidance scale (default 1 = none; paper: ~10 at 64 ep, 6.7 at 800, tuned with --cfg-channels 3)")
+    p.add_argument("--cfg-channels", type=_cfg_channels,
+                   help="guide only the first N latent channels, or 'all' (default all; the reference LightningDiT "
+                        "and the paper's scales guide 3)")
     p.add_argument("--steps", type=int, help="integration steps (default 250)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded from (seed, i)")
     p.add_argument("--method", help="euler (default) or heun (ODE), euler_maruyama (SDE)")
     p.add_argument("--labels", type=_class_list, help="comma-separated classes, repeated over the samples (default: i %% num_classes)")
-    p.add_argument("--interval-start", type=float, help="guidance only for t >= this, t=0 being noise (default 0.10)")
+    p.add_argument("--interval-start", type=float,
+                   help="guidance only for t >= this, t=0 being noise (default 0.10; reference: 0.10 at 64 ep, 0.125 at 800)")
     p.add_argument("--shift", type=float, help="timestep shift s; 0 or 1 = none (default 0.3)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per model call")
     p.set_defaults(func=_sample)

@@ -7,7 +7,8 @@ runs on rank ``k % world_size``: every batch has the same contents and shape whe
 all of them or several share them, so the N samples come out bitwise identical (given the same device
 kind and, on the CPU, the same number of threads per process).
 
-The latents are de-normalised with the tokenizer's per-channel statistics, decoded, and written as
+The latents are de-normalised with the per-channel statistics the DiT was trained with (recorded in its
+directory by ``train-dit``; the tokenizer's for a DiT that records none), decoded, and written as
 ``grid.png`` (the first ``grid_max`` samples), ``samples.npz`` (ADM format: uint8 NHWC ``arr_0``,
 labels ``arr_1``) and ``sampling.json`` (every setting). Ranks hand their batches to rank 0 through
 files under ``OUT/.parts`` (so multi-node runs need a shared file system), removed at the end.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from aligntok.config import config_from_dict
 from aligntok.diffusion.samplers import SamplerConfig, sample
 
 if TYPE_CHECKING:
@@ -40,6 +43,8 @@ SETTINGS_FILE = "sampling.json"
 PARTS_DIR = ".parts"
 _SEED_MASK = (1 << 64) - 1
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class SampleConfig:
@@ -50,14 +55,55 @@ class SampleConfig:
     labels: list[int] | None = None  #: sample i gets labels[i % len(labels)]; None = i % num_classes (balanced)
     batch_size: int = 32  #: samples per model call (the same batches whatever the number of processes)
     grid_max: int = 64  #: the first this-many samples go into grid.png
-    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  #: method, steps, guidance
+    sampler: SamplerConfig | None = None  #: method, steps, guidance; None = the DiT's recorded settings (see recorded_sampler)
 
     def validate(self) -> None:
         if self.num < 1 or self.batch_size < 1 or self.grid_max < 1:
             raise ValueError(f"num, batch_size and grid_max must be >= 1 (got {self.num}, {self.batch_size}, {self.grid_max})")
         if self.labels is not None and not self.labels:
             raise ValueError("labels, when given, must hold at least one class")
-        self.sampler.validate()
+        if self.sampler is not None:
+            self.sampler.validate()
+
+
+def recorded_sampler(dit: str | os.PathLike, **overrides: Any) -> SamplerConfig:
+    """The sampler settings ``train-dit`` recorded in DiT directory ``dit`` (SamplerConfig's defaults where
+    none are recorded, e.g. for an imported checkpoint), with ``overrides`` (SamplerConfig fields) on top."""
+    from aligntok.models.lightningdit import read_pretrained_document
+
+    recorded = read_pretrained_document(dit).get("sampler") or {}
+    return config_from_dict(SamplerConfig, {**recorded, **overrides})
+
+
+def latent_statistics(
+    model: LightningDiT, tokenizer: LatentTokenizer, tokenizer_name: str = "the tokenizer"
+) -> tuple[list[float], list[float], str]:
+    """(mean, std, source) to de-normalise ``model``'s samples with: the statistics the DiT was trained with
+    (source "dit"), or the tokenizer's for a DiT that records none (source "tokenizer").
+
+    A tokenizer whose statistics differ from the DiT's (``cache-latents`` was run again on it) is only
+    logged: its decoder still fits, and the DiT's statistics are the ones its samples are in.
+    Raises ValueError when neither holds statistics.
+    """
+    tokenizer_mean, tokenizer_std = tokenizer.config.latent_mean, tokenizer.config.latent_std
+    stats = model.latent_stats
+    if stats is None:
+        if tokenizer_mean is None or tokenizer_std is None:
+            raise ValueError(
+                f"{tokenizer_name} has no latent statistics to de-normalise with and the DiT records none "
+                "(run aligntok cache-latents)"
+            )
+        return list(tokenizer_mean), list(tokenizer_std), "tokenizer"
+    if tokenizer_mean is not None and tokenizer_std is not None:
+        shift = max(abs(a - b) for a, b in zip(stats["mean"], tokenizer_mean, strict=True))
+        ratio = max(max(a / b, b / a) for a, b in zip(stats["std"], tokenizer_std, strict=True))
+        if shift > 1e-6 or ratio > 1 + 1e-6:
+            log.warning(
+                "the tokenizer's latent statistics differ from those the DiT was trained with (max |mean "
+                "difference| %.4g, max std ratio %.4g; cache-latents was run again?): de-normalising with the DiT's",
+                shift, ratio,
+            )
+    return list(stats["mean"]), list(stats["std"]), "dit"
 
 
 @dataclasses.dataclass
@@ -100,12 +146,17 @@ def decode_samples(
     model: LightningDiT, tokenizer: LatentTokenizer, labels: torch.Tensor, indices: Sequence[int],
     sampler: SamplerConfig, seed: int,
 ) -> np.ndarray:
-    """Samples ``indices`` (of class ``labels``, noise from :func:`sample_generator`) decoded to uint8 NHWC."""
+    """Samples ``indices`` (of class ``labels``, noise from :func:`sample_generator`) decoded to uint8 NHWC,
+    de-normalised with :func:`latent_statistics`."""
     from aligntok.eval.images import to_uint8_nhwc
 
+    mean, std, _ = latent_statistics(model, tokenizer)
+    device = next(model.parameters()).device
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     latents = sample(
         model, labels, sampler, generator=[sample_generator(seed, i) for i in indices],
-        denormalize=tokenizer.denormalize_latents,
+        denormalize=lambda z: z * std_t + mean_t,
     )
     with torch.inference_mode():
         return to_uint8_nhwc(tokenizer.decode(latents))
@@ -154,8 +205,8 @@ def sample_to_directory(
             f"the DiT makes {model.config.in_channels}-channel latents but tokenizer {tokenizer} has "
             f"{tok.latent_channels} channels: they were not trained together"
         )
-    if tok.config.latent_mean is None or tok.config.latent_std is None:
-        raise ValueError(f"tokenizer {tokenizer} has no latent statistics to de-normalise with (run aligntok cache-latents)")
+    latent_mean, latent_std, stats_source = latent_statistics(model, tok, f"tokenizer {tokenizer}")
+    sampler = config.sampler if config.sampler is not None else recorded_sampler(dit)
     labels = sample_labels(config.num, model.num_classes, config.labels)
     out = Path(out_dir)
     parts = out / PARTS_DIR
@@ -168,7 +219,7 @@ def sample_to_directory(
     num_batches = math.ceil(config.num / config.batch_size)
     for batch in range(dist.rank, num_batches, dist.world_size):
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
-        images = decode_samples(model, tok, labels[indices.start : indices.stop], indices, config.sampler, config.seed)
+        images = decode_samples(model, tok, labels[indices.start : indices.stop], indices, sampler, config.seed)
         temporary = parts / f".batch-{batch:06d}.tmp.npy"
         np.save(temporary, images)
         os.replace(temporary, parts / f"batch-{batch:06d}.npy")
@@ -183,10 +234,11 @@ def sample_to_directory(
         "labels": "balanced: i % num_classes" if config.labels is None else f"given, repeated: {list(config.labels)}",
         "num_classes": model.num_classes,
         "batch_size": config.batch_size,
-        "sampler": dataclasses.asdict(config.sampler),
+        "sampler": dataclasses.asdict(sampler),
         "latent_shape": [model.config.in_channels, model.config.input_size, model.config.input_size],
-        "latent_mean": list(tok.config.latent_mean),
-        "latent_std": list(tok.config.latent_std),
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "latent_stats_from": stats_source,  # dit: recorded at training; tokenizer: the DiT records none
         "world_size": dist.world_size,
         "device": str(dist.device),
         "seconds": None,  # filled below

@@ -7,7 +7,10 @@ loss is the transport's (rectified flow, velocity target, log-normal t, MSE + co
 
 ``train_dit(cfg, run_dir)`` trains in ``run_dir/train`` (log, resolved config, checkpoints; re-running
 resumes exactly, as every engine run does) and exports the EMA weights (the raw weights when
-``train.ema_decay`` is 0) as ``run_dir/model``, a :meth:`LightningDiT.save_pretrained` directory.
+``train.ema_decay`` is 0) as ``run_dir/model``, a :meth:`LightningDiT.save_pretrained` directory that also
+records the latent statistics the DiT was trained with (so re-caching latents, which rewrites the
+tokenizer's statistics, cannot change how its samples are de-normalised) and the ``sample`` settings
+``aligntok sample`` starts from.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aligntok.config import ConfigError, OptimConfig, TrainConfig
+from aligntok.config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from aligntok.diffusion.samplers import SamplerConfig
 from aligntok.diffusion.transport import Transport, TransportConfig
 from aligntok.models.lightningdit import (
     LIGHTNINGDIT_PRESETS,
@@ -72,6 +76,7 @@ class DiTTrainConfig:
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=2e-4, betas=(0.9, 0.95))
     )  #: AdamW of the DiT (reference: lr 2e-4, beta2 0.95, no weight decay)
+    sample: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  #: recorded with the model: how `aligntok sample` samples it unless told otherwise
 
     def validate(self) -> None:
         if not self.preset:
@@ -195,7 +200,8 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
         _check_latents_fit(model_cfg, dataset.latent_shape, dataset.num_classes, f"latent cache {cfg.data.cache}")
         if dataset.metadata["label_range"][0] < 0:
             raise ValueError(f"latent cache {cfg.data.cache} holds images without class labels (label -1)")
-        mean, std = _per_channel(dataset.metadata["latent_mean"], dist.device), _per_channel(dataset.metadata["latent_std"], dist.device)
+        stats = {"mean": list(dataset.metadata["latent_mean"]), "std": list(dataset.metadata["latent_std"])}
+        mean, std = _per_channel(stats["mean"], dist.device), _per_channel(stats["std"], dist.device)
 
         def normalize(z: torch.Tensor) -> torch.Tensor:
             return (z - mean) / std
@@ -217,6 +223,7 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
         shape = (tokenizer.latent_channels, side, side)
         _check_latents_fit(model_cfg, shape, int(getattr(dataset, "num_classes", 0)), f"tokenizer {cfg.data.tokenizer}")
         normalize = tokenizer.normalize_latents
+        stats = {"mean": list(tokenizer.config.latent_mean), "std": list(tokenizer.config.latent_std)}
 
     torch.manual_seed(cfg.train.seed)  # the initial weights (rank 0's are broadcast by the engine)
     model = LightningDiT(model_cfg)
@@ -241,7 +248,9 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
     state = trainer.ema_state_dict("model") if "model" in trainer.emas else trainer.model_state_dict("model")
     out = run_dir / "model"
     if dist.is_main:
-        build_from_state_dict(model_cfg, state, source="the trained model").save_pretrained(out)
+        exported = build_from_state_dict(model_cfg, state, source="the trained model")
+        exported.latent_stats, exported.sampler_settings = stats, config_to_dict(cfg.sample)
+        exported.save_pretrained(out)
         log.info("LightningDiT: %d steps in %.1f s -> %s", result.step, time.perf_counter() - started, out)
     dist.barrier()
     return out

@@ -359,6 +359,12 @@ class LightningDiT(nn.Module):
         self.blocks = nn.ModuleList(LightningDiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config)
         self.initialize_weights()
+        # Not weights, but part of what a trained model is: saved in config.json by save_pretrained.
+        #: {"mean": [C floats], "std": [C floats]}: the per-channel statistics its training latents were
+        #: normalised with (set by train-dit); samples are de-normalised with these. None: unknown.
+        self.latent_stats: dict[str, list[float]] | None = None
+        #: SamplerConfig fields ``aligntok sample`` starts from (the training config's ``sample``); None: defaults.
+        self.sampler_settings: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -429,6 +435,10 @@ class LightningDiT(nn.Module):
 
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         document = {"format": FORMAT_NAME, "aligntok_version": __version__, "config": config_to_dict(self.config)}
+        if self.latent_stats is not None:
+            document["latent_stats"] = {key: [float(v) for v in self.latent_stats[key]] for key in ("mean", "std")}
+        if self.sampler_settings is not None:
+            document["sampler"] = dict(self.sampler_settings)
 
         def write(tmp: Path) -> None:
             (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
@@ -444,23 +454,54 @@ class LightningDiT(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> LightningDiT:
-        """Load a directory written by :meth:`save_pretrained` (strict: every key must match)."""
+        """Load a directory written by :meth:`save_pretrained` (strict: every key must match), with the
+        latent statistics and sampler settings recorded beside the weights."""
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ValueError(f"not a LightningDiT directory: {path} is missing")
-        try:
-            document = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        is_ours = isinstance(document, dict) and document.get("format") == FORMAT_NAME and "config" in document
-        if not is_ours:
-            found = document.get("format") if isinstance(document, dict) else None
-            raise ValueError(f"{config_path} is not a LightningDiT config (format={found!r}, expected {FORMAT_NAME!r})")
+        weights_path = directory / WEIGHTS_FILE
+        document = read_pretrained_document(directory)
+        if not weights_path.is_file():
+            raise ValueError(f"not a LightningDiT directory: {weights_path} is missing")
         config = config_from_dict(LightningDiTConfig, document["config"])
         model = build_from_state_dict(config, load_file(str(weights_path)), source=str(weights_path))
+        model.latent_stats = _checked_latent_stats(document.get("latent_stats"), config.in_channels, directory / CONFIG_FILE)
+        model.sampler_settings = document.get("sampler")
         return model.to(device=device, dtype=dtype)
+
+
+def read_pretrained_document(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a :meth:`LightningDiT.save_pretrained` directory (no weights are read).
+
+    Keys: ``format``, ``config`` (LightningDiTConfig fields) and, when recorded, ``latent_stats`` and
+    ``sampler``. Raises a one-line ValueError for a missing, invalid or foreign file.
+    """
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"not a LightningDiT directory: {config_path} is missing")
+    try:
+        document = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    is_ours = isinstance(document, dict) and document.get("format") == FORMAT_NAME and "config" in document
+    if not is_ours:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise ValueError(f"{config_path} is not a LightningDiT config (format={found!r}, expected {FORMAT_NAME!r})")
+    if "sampler" in document and not isinstance(document["sampler"], dict):
+        raise ValueError(f"{config_path}: 'sampler' must be a mapping of SamplerConfig fields")
+    return document
+
+
+def _checked_latent_stats(stats: Any, channels: int, source: Path) -> dict[str, list[float]] | None:
+    from aligntok.models.tokenizer import validate_latent_stats
+
+    if stats is None:
+        return None
+    if not isinstance(stats, dict) or not isinstance(stats.get("mean"), list) or not isinstance(stats.get("std"), list):
+        raise ValueError(f"{source}: 'latent_stats' must hold 'mean' and 'std' lists")
+    try:
+        validate_latent_stats(stats["mean"], stats["std"], channels)
+    except ConfigError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
 
 
 def _describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor]) -> str | None:
