@@ -327,6 +327,27 @@ def test_importer_takes_model_weights_without_ema(tmp_path):
     assert torch.equal(loaded.final_layer.linear.weight, model.final_layer.linear.weight)
 
 
+def test_importer_infers_the_preset_and_checks_a_given_one(tmp_path):
+    # B/1 at its real width and patch, cut to 2 blocks: a preset is found from width and patch alone.
+    config = LightningDiTConfig.from_preset("LightningDiT-B/1", input_size=2, in_channels=4, num_classes=3, depth=2)
+    model = _randomise(LightningDiT(config))
+    torch.save({"ema": _reference_style_checkpoint(model, "module.")}, tmp_path / "b1.pt")
+    loaded = import_lightningdit_checkpoint(tmp_path / "b1.pt", tmp_path / "out", depth=2)
+    assert loaded.config == config
+    assert torch.equal(loaded.final_layer.linear.weight, model.final_layer.linear.weight)
+    with pytest.raises(ValueError, match="holds hidden_size=768, patch_size=1 but preset LightningDiT-XL/1 has hidden_size=1152, patch_size=1"):
+        import_lightningdit_checkpoint(tmp_path / "b1.pt", tmp_path / "out2", preset="LightningDiT-XL/1", depth=2)
+    # A full-depth S/2 needs no preset and no overrides at all.
+    small = LightningDiTConfig.from_preset("LightningDiT-S/2", input_size=4, in_channels=4, num_classes=3)
+    torch.save({"model": LightningDiT(small).state_dict()}, tmp_path / "s2.pt")
+    assert import_lightningdit_checkpoint(tmp_path / "s2.pt", tmp_path / "out3").config == small
+    # Sizes that are no preset are named.
+    odd = LightningDiT(LightningDiTConfig(input_size=4, in_channels=4, hidden_size=64, depth=1, num_heads=4, num_classes=3))
+    torch.save({"model": odd.state_dict()}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="holds depth=1, hidden_size=64, patch_size=1, which is no LightningDiT preset"):
+        import_lightningdit_checkpoint(tmp_path / "odd.pt", tmp_path / "out4")
+
+
 def test_importer_names_missing_unexpected_and_misshaped_keys(tmp_path):
     model = LightningDiT(LightningDiTConfig.from_preset("LightningDiT-S/2", input_size=8, in_channels=4))
     state = _reference_style_checkpoint(model, "")

@@ -187,3 +187,14 @@ def test_cli_import_lightningdit_takes_the_ema_weights(tmp_path):
     imported = load_file(str(tmp_path / "dit" / "model.safetensors"))
     assert all(torch.equal(imported[k], v) for k, v in ema.state_dict().items())
     assert LightningDiT.from_pretrained(tmp_path / "dit").config == config
+
+
+def test_cli_import_lightningdit_infers_the_preset_and_checks_a_given_one(tmp_path, capsys):
+    config = LightningDiTConfig.from_preset("LightningDiT-S/1", input_size=2, in_channels=4, num_classes=2)
+    torch.save({"ema": LightningDiT(config).state_dict()}, tmp_path / "ckpt.pt")
+    assert main(["import-lightningdit", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "dit")]) == 0
+    assert "LightningDiT-S/1" in capsys.readouterr().out
+    assert LightningDiT.from_pretrained(tmp_path / "dit").config == config
+    assert main(["import-lightningdit", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x"), "--preset", "LightningDiT-S/2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds depth=12, hidden_size=384, patch_size=1 but preset LightningDiT-S/2" in err and "\n" not in err

@@ -215,11 +215,13 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _import_lightningdit(args: argparse.Namespace) -> None:
-    from aligntok.models.lightningdit import import_lightningdit_checkpoint
+    from aligntok.models.lightningdit import import_lightningdit_checkpoint, preset_of
 
     model = import_lightningdit_checkpoint(args.checkpoint, args.out, preset=args.preset)
     count = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {args.preset}, {count / 1e6:.1f}M parameters, "
+    c = model.config
+    preset = preset_of(depth=c.depth, hidden_size=c.hidden_size, num_heads=c.num_heads, patch_size=c.patch_size)
+    print(f"wrote {args.out}: {preset}, {count / 1e6:.1f}M parameters, "
           f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size} latents")
 
 
@@ -319,7 +321,8 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-lightningdit", help="convert a reference LightningDiT checkpoint (EMA weights if present)")
     p.add_argument("checkpoint", type=Path, help="torch file holding 'model' and/or 'ema' state dicts")
     p.add_argument("--out", type=Path, required=True, help="output directory (LightningDiT.save_pretrained format)")
-    p.add_argument("--preset", default="LightningDiT-XL/1", help="size preset, LightningDiT-{S,B,L,XL,1p0B,1p6B}/{1,2}")
+    p.add_argument("--preset", help="size preset, LightningDiT-{S,B,L,XL,1p0B,1p6B}/{1,2} (default: read from the "
+                   "weights' depth, width and patch size; when given, checked against them)")
     p.set_defaults(func=_import_lightningdit)
 
 

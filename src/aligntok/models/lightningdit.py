@@ -613,19 +613,31 @@ def infer_options(state_dict: Mapping[str, torch.Tensor], preset_config: Lightni
     return options
 
 
+def preset_of(**sizes: int) -> str | None:
+    """The one preset whose depth / hidden_size / num_heads / patch_size equal those given, or None
+    (width and patch alone already single one out: no two sizes share a width)."""
+    fields = ("depth", "hidden_size", "num_heads", "patch_size")
+    matches = [
+        name for name, values in LIGHTNINGDIT_PRESETS.items()
+        if all(dict(zip(fields, values, strict=True))[key] == value for key, value in sizes.items())
+    ]  # fmt: skip
+    return matches[0] if len(matches) == 1 else None
+
+
 def import_lightningdit_checkpoint(
     checkpoint_path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    preset: str = "LightningDiT-XL/1",
+    preset: str | None = None,
     **overrides: Any,
 ) -> LightningDiT:
     """Convert a reference checkpoint (a torch file holding ``model`` and/or ``ema`` state dicts, or a bare
     state dict) into a :meth:`LightningDiT.save_pretrained` directory and return the loaded model.
 
     The EMA weights are taken when present; ``module.`` / ``_orig_mod.`` prefixes are stripped. The preset
-    fixes depth, width, heads and patch; option flags, channels, latent size and number of classes are
-    read from the checkpoint unless given in ``overrides`` (LightningDiTConfig fields). Any key or shape
-    that does not fit is named in a one-line ValueError.
+    (depth, width, heads, patch) is inferred from the weights' depth, width and patch size; a ``preset``
+    given is checked against them. Option flags, channels, latent size and number of classes are read from
+    the checkpoint unless given in ``overrides`` (LightningDiTConfig fields). Any key, shape or preset that
+    does not fit is named in a one-line ValueError.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -636,13 +648,20 @@ def import_lightningdit_checkpoint(
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({first_line})") from None
     state_dict = _pick_state_dict(raw, str(path))
+    # Of the config, only class_dropout_prob (the null label's row) matters to the inference.
+    dropout = overrides.get("class_dropout_prob", LightningDiTConfig.class_dropout_prob)
+    inferred = {k: v for k, v in infer_options(state_dict, LightningDiTConfig(class_dropout_prob=dropout)).items() if k not in overrides}
+    found = {name: inferred.pop(name) for name in ("depth", "hidden_size", "patch_size") if name in inferred}
+    describe = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())
+    if preset is None:
+        if "hidden_size" not in found or "patch_size" not in found:
+            raise ValueError(f"{path}: its keys do not show the model's width and patch size; give the preset")
+        preset = preset_of(**found)
+        if preset is None:
+            raise ValueError(f"{path} holds {describe(found)}, which is no LightningDiT preset ({', '.join(LIGHTNINGDIT_PRESETS)})")
     preset_config = LightningDiTConfig.from_preset(preset, **overrides)
-    inferred = {k: v for k, v in infer_options(state_dict, preset_config).items() if k not in overrides}
-    sizes = ("depth", "hidden_size", "patch_size")
-    found = {name: inferred.pop(name) for name in sizes if name in inferred}
     wanted = {name: getattr(preset_config, name) for name in found}
     if found != wanted:
-        describe = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())
         raise ValueError(f"{path} holds {describe(found)} but preset {preset} has {describe(wanted)}; pick the matching preset")
     config = dataclasses.replace(preset_config, **inferred)
     config.validate()
