@@ -121,6 +121,8 @@ def test_load_module_weights_reads_the_newest_checkpoint_or_says_there_is_none(t
     assert _equal_states(fresh.gen.state_dict(), trainer.modules["gen"].state_dict())
     ckpt.load_module_weights(tmp_path, "gen", fresh.gen, ema=True)
     assert _equal_states(fresh.gen.state_dict(), trainer.ema_state_dict("gen"))
+    with pytest.raises(ValueError, match=r"does not fit module 'disc' .*missing keys: blocks\.1\.bias, blocks\.1\.weight"):
+        ckpt.load_module_weights(tmp_path, "disc", toys.ToyTask(blocks=2).disc)
 
 
 KILLED_RUN = textwrap.dedent(

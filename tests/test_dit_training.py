@@ -190,3 +190,17 @@ def test_cli_train_dit_runs_and_reports_bad_overrides(setup, capsys):
     assert main(["train-dit", str(TINY), "--out", str(run), "train.stepz=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown config key 'train.stepz'" in err and "\n" not in err
+
+
+def test_cli_resume_with_another_batch_size_or_width_names_what_changed(setup, tmp_path, capsys):
+    args = ["train-dit", str(TINY), "--out", str(tmp_path / "run"), f"data.cache={setup / 'cache'}", "train.batch_size=4"]
+    assert main([*args, "train.steps=2"]) == 0
+    capsys.readouterr()
+    for change, message in (
+        ("train.batch_size=8", "written with train.batch_size=4, this run has train.batch_size=8"),
+        ("model.hidden_size=32", "config changes since: model.hidden_size: 64 -> 32, train.steps: 2 -> 3"),
+    ):
+        assert main([*args, "train.steps=3", change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert main([*args, "train.steps=3"]) == 0  # the unchanged settings still resume

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -407,7 +408,7 @@ def _reference_euler_sample(model, z, y, null, num_points, shift, cfg_scale, cfg
     grid = torch.linspace(0, 1, num_points)
     grid = shift * grid / (1 + (shift - 1) * grid)
     x, labels = torch.cat([z, z]), torch.cat([y, torch.full_like(y, null)])
-    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+    for t, t_next in itertools.pairwise(grid):
         v = _reference_forward_with_cfg(model, x, torch.full((len(x),), float(t)), labels, cfg_scale, True, cfg_interval_start)
         x = x + (t_next - t) * v
     return x.chunk(2)[0]

@@ -384,3 +384,19 @@ def test_bad_setups_fail_with_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were missing
     with pytest.raises(ConfigError, match="train.tensorboard=true needs the 'tensorboard' package"):
         toy_trainer(tmp_path, tensorboard=True)
+
+
+def test_resuming_with_another_batch_size_or_model_shape_is_refused_in_one_line(tmp_path):
+    toy_trainer(tmp_path / "run", steps=3).fit()  # a checkpoint at step 3, written with batch 8
+    with pytest.raises(ValueError) as info:
+        toy_trainer(tmp_path / "run", loader=toy_loader(16), steps=6, batch_size=16).fit()
+    message = str(info.value)
+    assert "written with train.batch_size=8, this run has train.batch_size=16" in message and "\n" not in message
+    with pytest.raises(ValueError) as info:
+        toy_trainer(tmp_path / "run", task=ToyTask(blocks=2), steps=6).fit()
+    message = str(info.value)
+    assert "module 'disc' has another shape than there (missing keys: blocks.1.bias, blocks.1.weight)" in message
+    assert "config changes since: steps: 3 -> 6" in message and "\n" not in message
+    # Nothing was loaded or written by the refused attempts: the original settings resume.
+    result = toy_trainer(tmp_path / "run", steps=6).fit()
+    assert result.resumed_from == 3 and result.step == 6

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aligntok.config import ConfigError, config_from_dict, config_to_dict
 from aligntok.io import write_directory_atomically
+from aligntok.training.checkpoint import describe_state_mismatch, state_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -504,37 +505,12 @@ def _checked_latent_stats(stats: Any, channels: int, source: Path) -> dict[str, 
     return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
 
 
-def _describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor]) -> str | None:
-    """One line naming missing keys, unexpected keys and shape mismatches, or None when all match."""
-
-    def listing(names: list[str]) -> str:
-        shown = ", ".join(names[:6])
-        return shown + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong_shape = [
-        f"{k} {tuple(given[k].shape)} != {tuple(expected[k])}"
-        for k in sorted(set(expected) & set(given))
-        if tuple(given[k].shape) != tuple(expected[k])
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {listing(unexpected)}")
-    if wrong_shape:
-        parts.append(f"shape mismatches: {listing(wrong_shape)}")
-    return "; ".join(parts) or None
-
-
 def build_from_state_dict(config: LightningDiTConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> LightningDiT:
     """A LightningDiT of ``config`` holding ``state_dict`` (float32), or a one-line ValueError naming the
     missing / unexpected / mis-shaped keys. Built on the meta device so no time goes to initialisation."""
     with torch.device("meta"):
         model = LightningDiT(config)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    problem = _describe_mismatch(expected, state_dict)
+    problem = describe_state_mismatch(state_shapes(model), {k: tuple(v.shape) for k, v in state_dict.items()})
     if problem:
         raise ValueError(f"{source} does not fit LightningDiT({_short_config(config)}): {problem}")
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}

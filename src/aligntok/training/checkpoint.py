@@ -31,11 +31,13 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -342,6 +344,42 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header (no tensor is loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (a safe_open handle)
+
+
+def state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> (global) shape of every entry of ``module.state_dict()``."""
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def describe_state_mismatch(expected: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]]) -> str | None:
+    """One line naming the keys ``given`` lacks or adds against ``expected`` (both name -> shape) and the
+    shapes that differ, or None when all match."""
+
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(names[:6])
+        return shown + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(given[k])} != {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(given))
+        if tuple(given[k]) != tuple(expected[k])
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {listing(unexpected)}")
+    if wrong_shape:
+        parts.append(f"shape mismatches: {listing(wrong_shape)}")
+    return "; ".join(parts) or None
+
+
 def load_module_weights(
     out_dir: str | os.PathLike, name: str, module: nn.Module, *, ema: bool = False
 ) -> Path:
@@ -354,5 +392,8 @@ def load_module_weights(
         raise FileNotFoundError(f"no complete checkpoint under {checkpoints_root(out_dir)}")
     prefix = "ema" if ema else "model"
     file = require_file(path / f"{prefix}_{name}.safetensors", f"{'EMA ' if ema else ''}weights of '{name}'")
+    problem = describe_state_mismatch(state_shapes(module), tensor_shapes(file))
+    if problem:
+        raise ValueError(f"{file} does not fit module '{name}' (was the model's shape changed?): {problem}")
     module.load_state_dict(load_tensors(file))
     return path

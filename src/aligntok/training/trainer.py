@@ -427,14 +427,35 @@ class Trainer:
         return yaml.safe_dump(config_to_dict(self.run_config), sort_keys=False)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore every piece of training state from checkpoint directory ``path``."""
+        """Restore every piece of training state from checkpoint directory ``path``.
+
+        Raises a one-line ValueError, before anything is loaded, when this run cannot continue that one:
+        another ``train.batch_size`` (the data position counts batches, so data would be skipped or
+        repeated) or modules of another shape (naming the config keys that changed, when it can).
+        """
         state = ckpt.read_trainer_state(path)
+        written_batch = state.get("batch_size", self.train.batch_size)
+        if written_batch != self.train.batch_size:
+            raise ValueError(
+                f"cannot resume from {path}: it was written with train.batch_size={written_batch}, this run has "
+                f"train.batch_size={self.train.batch_size}, and the data position counts batches (data would be "
+                f"skipped or repeated); resume with train.batch_size={written_batch} or start a new run directory"
+            )
+        emas = {name: ema.module for name, ema in self.emas.items()}
+        for prefix, what, modules in (("model", "weights", self.modules), ("ema", "EMA", emas)):
+            for name, module in modules.items():
+                file = ckpt.require_file(path / f"{prefix}_{name}.safetensors", f"{what} of module '{name}'")
+                problem = ckpt.describe_state_mismatch(ckpt.state_shapes(module), ckpt.tensor_shapes(file))
+                if problem:
+                    changed = _config_changes(path / ckpt.CONFIG_FILE, self._config_yaml()) or "none recorded"
+                    raise ValueError(
+                        f"cannot resume from {path}: module '{name}' has another shape than there ({problem}); "
+                        f"config changes since: {changed}. Restore the model's settings or start a new run directory"
+                    )
         for name, module in self.modules.items():
-            file = ckpt.require_file(path / f"model_{name}.safetensors", f"weights of module '{name}'")
-            _load_module(module, ckpt.load_tensors(file))
+            _load_module(module, ckpt.load_tensors(path / f"model_{name}.safetensors"))
         for name, ema in self.emas.items():
-            file = ckpt.require_file(path / f"ema_{name}.safetensors", f"EMA of module '{name}'")
-            _load_module(ema.module, ckpt.load_tensors(file))
+            _load_module(ema.module, ckpt.load_tensors(path / f"ema_{name}.safetensors"))
             ema.num_updates = int(state["ema_updates"].get(name, 0))
         for name, optimizer in self.optimizers.items():
             file = ckpt.require_file(path / f"optimizer_{name}.pt", f"state of optimizer '{name}'")
@@ -738,6 +759,24 @@ class Trainer:
                     f"task.losses()['{name}'] does not require grad: no trained parameter produced it"
                 )
         return names
+
+
+def _config_changes(saved: Path, current_yaml: str | None, limit: int = 6) -> str:
+    """``key: old -> new`` for every config value that differs between a checkpoint's config.yaml and the
+    current run's ('' when either is unknown)."""
+    import yaml
+
+    if current_yaml is None or not saved.is_file():
+        return ""
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix.rstrip("."): tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    old, new = flat(yaml.safe_load(saved.read_text())), flat(yaml.safe_load(current_yaml))
+    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return ", ".join(changes[:limit]) + (f" (+{len(changes) - limit} more)" if len(changes) > limit else "")
 
 
 def _scalar(value: Tensor | float, key: str, device: torch.device) -> Tensor:
