@@ -118,7 +118,7 @@ def test_the_tiny_config_loss_falls_and_its_samples_decode_to_images(setup, tiny
         assert npz["arr_0"].shape == (4, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
 
 
-def test_recaching_the_tokenizer_does_not_change_how_a_trained_dit_is_denormalised(setup, tmp_path):
+def test_recaching_the_tokenizer_does_not_change_how_a_trained_dit_is_denormalised(setup, tmp_path, caplog):
     tokenizer = tmp_path / "tok"
     shutil.copytree(setup / "tok", tokenizer)  # cache-latents rewrites the tokenizer: not the shared one
     cache_latents(tokenizer, "builtin:shapes", tmp_path / "cache", resolution=64, batch_size=32, shard_size=64,
@@ -130,9 +130,11 @@ def test_recaching_the_tokenizer_does_not_change_how_a_trained_dit_is_denormalis
     model = LightningDiT.from_pretrained(model_dir)
     assert model.latent_stats == {"mean": trained_with["latent_mean"], "std": trained_with["latent_std"]}
     assert model.sampler_settings["cfg_channels"] == 2 and model.sampler_settings["num_steps"] == 2
-    # Another subset re-caches the same tokenizer and rewrites its statistics.
-    cache_latents(tokenizer, "builtin:shapes", tmp_path / "cache2", resolution=64, batch_size=32, shard_size=64,
-                  num_workers=0, builtin_size=16, progress=False)
+    # Another subset re-caches the same tokenizer and rewrites its statistics (saying so).
+    with caplog.at_level("WARNING"):
+        cache_latents(tokenizer, "builtin:shapes", tmp_path / "cache2", resolution=64, batch_size=32, shard_size=64,
+                      num_workers=0, builtin_size=16, progress=False)
+    assert "replacing the latent statistics recorded in" in caplog.text
     assert AlignTokTokenizer.from_pretrained(tokenizer).config.latent_mean != trained_with["latent_mean"]
     result = sample_to_directory(model_dir, tokenizer, tmp_path / "samples", SampleConfig(num=2, batch_size=2))
     assert result.settings["latent_mean"] == trained_with["latent_mean"]

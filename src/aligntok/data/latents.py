@@ -348,6 +348,11 @@ def cache_latents(
         # Normalisation constants live in the tokenizer's config; reload on the CPU so that exactly the
         # saved weights are written back.
         updated = AlignTokTokenizer.from_pretrained(tokenizer_dir)
+        if updated.config.latent_mean not in (None, metadata["latent_mean"]):
+            log.warning(
+                "replacing the latent statistics recorded in %s; DiTs trained on the old ones keep theirs in "
+                "their model directory and are still sampled with them", tokenizer_dir,
+            )
         updated.set_latent_stats(metadata["latent_mean"], metadata["latent_std"])
         updated.save_pretrained(
             tokenizer_dir,
