@@ -308,7 +308,10 @@ def test_importer_prefers_ema_strips_prefixes_and_infers_options(tmp_path):
             "model": _reference_style_checkpoint(raw_model, "module."),
             "ema": _reference_style_checkpoint(ema_model, "_orig_mod.module."),
             "opt": {"state": {}, "param_groups": [{"lr": 2e-4}]},
-            "config": {"model": {"model_type": "LightningDiT-S/2"}},
+            "config": {
+                "model": {"model_type": "LightningDiT-S/2"},
+                "sample": {"sampling_method": "euler", "num_sampling_steps": 250, "cfg_scale": 6.7, "cfg_interval_start": 0.125},
+            },
         },
         path,
     )
@@ -316,6 +319,10 @@ def test_importer_prefers_ema_strips_prefixes_and_infers_options(tmp_path):
     # use_qknorm, in_channels, input_size and num_classes come from the checkpoint, not the preset.
     assert imported.config == ema_model.config
     loaded = LightningDiT.from_pretrained(tmp_path / "out")
+    # Sampled as the reference samples it: 3 guided channels, its scale and interval, no shift (its default
+    # when the key is absent), 250 grid points = 249 steps.
+    assert loaded.sampler_settings == {"cfg_channels": 3, "cfg_scale": 6.7, "cfg_interval_start": 0.125,
+                                       "timestep_shift": 0.0, "num_steps": 249, "method": "euler"}
     for name, tensor in ema_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
@@ -326,6 +333,7 @@ def test_importer_takes_model_weights_without_ema(tmp_path):
     torch.save({"model": _reference_style_checkpoint(model, "_orig_mod.")}, tmp_path / "ckpt.pt")
     loaded = import_lightningdit_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out", preset="LightningDiT-S/1", depth=2)
     assert torch.equal(loaded.final_layer.linear.weight, model.final_layer.linear.weight)
+    assert loaded.sampler_settings == {"cfg_channels": 3}  # no config saved: the reference's guidance alone
 
 
 def test_importer_infers_the_preset_and_checks_a_given_one(tmp_path):

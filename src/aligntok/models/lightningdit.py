@@ -589,6 +589,27 @@ def infer_options(state_dict: Mapping[str, torch.Tensor], preset_config: Lightni
     return options
 
 
+def reference_sampler_settings(checkpoint_obj: Any) -> dict[str, Any]:
+    """SamplerConfig fields for sampling a reference checkpoint as its authors did: guidance on the first 3
+    channels (the reference's ``forward_with_cfg``), plus the scale, interval start, shift and steps of the
+    ``sample`` section of the training config the reference saves in its checkpoints, when present (its
+    defaults where a key is missing: no interval, no shift; its N grid points are N - 1 steps)."""
+    settings: dict[str, Any] = {"cfg_channels": 3}
+    config = checkpoint_obj.get("config") if isinstance(checkpoint_obj, dict) else None
+    sample = config.get("sample") if isinstance(config, dict) else None
+    if not isinstance(sample, dict):
+        return settings
+    if "cfg_scale" in sample:
+        settings["cfg_scale"] = float(sample["cfg_scale"])
+    settings["cfg_interval_start"] = float(sample.get("cfg_interval_start", 0.0))
+    settings["timestep_shift"] = float(sample.get("timestep_shift", 0.0))
+    if isinstance(sample.get("num_sampling_steps"), int) and sample["num_sampling_steps"] > 1:
+        settings["num_steps"] = sample["num_sampling_steps"] - 1
+    if sample.get("sampling_method") == "euler":
+        settings["method"] = "euler"
+    return settings
+
+
 def preset_of(**sizes: int) -> str | None:
     """The one preset whose depth / hidden_size / num_heads / patch_size equal those given, or None
     (width and patch alone already single one out: no two sizes share a width)."""
@@ -612,8 +633,9 @@ def import_lightningdit_checkpoint(
     The EMA weights are taken when present; ``module.`` / ``_orig_mod.`` prefixes are stripped. The preset
     (depth, width, heads, patch) is inferred from the weights' depth, width and patch size; a ``preset``
     given is checked against them. Option flags, channels, latent size and number of classes are read from
-    the checkpoint unless given in ``overrides`` (LightningDiTConfig fields). Any key, shape or preset that
-    does not fit is named in a one-line ValueError.
+    the checkpoint unless given in ``overrides`` (LightningDiTConfig fields). The reference's sampler settings
+    (:func:`reference_sampler_settings`) are recorded with the model. Any key, shape or preset that does
+    not fit is named in a one-line ValueError.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -642,5 +664,6 @@ def import_lightningdit_checkpoint(
     config = dataclasses.replace(preset_config, **inferred)
     config.validate()
     model = build_from_state_dict(config, state_dict, source=str(path))
+    model.sampler_settings = reference_sampler_settings(raw)
     model.save_pretrained(out_dir)
     return model
