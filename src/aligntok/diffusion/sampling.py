@@ -144,13 +144,13 @@ def _image_grid(images: np.ndarray) -> np.ndarray:
 
 def decode_samples(
     model: LightningDiT, tokenizer: LatentTokenizer, labels: torch.Tensor, indices: Sequence[int],
-    sampler: SamplerConfig, seed: int,
+    sampler: SamplerConfig, seed: int, stats: tuple[list[float], list[float]],
 ) -> np.ndarray:
-    """Samples ``indices`` (of class ``labels``, noise from :func:`sample_generator`) decoded to uint8 NHWC,
-    de-normalised with :func:`latent_statistics`."""
+    """Samples ``indices`` (of class ``labels``, noise from :func:`sample_generator`) de-normalised with the
+    per-channel ``stats`` (mean, std; see :func:`latent_statistics`) and decoded to uint8 NHWC."""
     from aligntok.eval.images import to_uint8_nhwc
 
-    mean, std, _ = latent_statistics(model, tokenizer)
+    mean, std = stats
     device = next(model.parameters()).device
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -170,10 +170,11 @@ def generate_images(
 
     The same samples as :func:`sample_to_directory` with this seed, labels and batch size.
     """
+    stats = latent_statistics(model, tokenizer)[:2]
     batches = []
     for start in range(0, len(labels), batch_size):
         indices = range(start, min(start + batch_size, len(labels)))
-        batches.append(decode_samples(model, tokenizer, labels[indices.start : indices.stop], indices, sampler, seed))
+        batches.append(decode_samples(model, tokenizer, labels[indices.start : indices.stop], indices, sampler, seed, stats))
     return np.concatenate(batches)
 
 
@@ -219,7 +220,9 @@ def sample_to_directory(
     num_batches = math.ceil(config.num / config.batch_size)
     for batch in range(dist.rank, num_batches, dist.world_size):
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
-        images = decode_samples(model, tok, labels[indices.start : indices.stop], indices, sampler, config.seed)
+        images = decode_samples(
+            model, tok, labels[indices.start : indices.stop], indices, sampler, config.seed, (latent_mean, latent_std)
+        )
         temporary = parts / f".batch-{batch:06d}.tmp.npy"
         np.save(temporary, images)
         os.replace(temporary, parts / f"batch-{batch:06d}.npy")
