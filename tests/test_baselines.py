@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -68,8 +69,11 @@ def state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The plain VAE trained through train_tokenizer, the VA-VAE through the CLI; initial weights kept."""
+def trained_runs(tmp_path_factory):
+    """The plain VAE trained through train_tokenizer, the VA-VAE through the CLI; initial weights kept.
+
+    Trained once per module; tests get copies through :func:`runs`.
+    """
     out = {}
     for method in ("vae", "vavae"):
         cfg = fast_config(method)
@@ -81,6 +85,12 @@ def runs(tmp_path_factory):
             assert main(["train-tokenizer", str(TINY[method]), "--out", str(run_dir), *FAST]) == 0
         out[method] = (cfg, run_dir, state(initial))
     return out
+
+
+@pytest.fixture
+def runs(trained_runs):
+    """Per method: (config, run directory, initial weights), copies a test may change freely."""
+    return {method: copy.deepcopy((cfg, run_dir, initial)) for method, (cfg, run_dir, initial) in trained_runs.items()}
 
 
 # ------------------------------------------------------------------------------------------ stage tables
@@ -255,7 +265,7 @@ def test_encode_is_the_posterior_mean_and_training_decodes_samples(vae):
     torch.manual_seed(1)
     sample = sample_posterior(mean, logvar)
     torch.manual_seed(1)
-    assert torch.equal(sample, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+    torch.testing.assert_close(sample, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))  # the formula
     assert not torch.equal(sample, mean)
     with pytest.raises(ValueError, match="scale images to \\[-1, 1\\]"):
         vae.encode(x * 255)

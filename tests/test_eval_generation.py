@@ -49,8 +49,9 @@ def dinov2_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def image_sets():
+    """Fresh arrays per test (cheap): a test may write into them."""
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, size=(NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
     base = rng.integers(60, 200, size=(NUM_IMAGES, 1, 1, 3))

@@ -53,8 +53,9 @@ class LastLayerToy(nn.Module):
         return self.conv(x)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loss() -> ReconstructionLoss:
+    """A fresh loss per test: tests swap its discriminator and switch its modes (never share a module)."""
     torch.manual_seed(0)
     return ReconstructionLoss(recon_config())
 
