@@ -378,6 +378,19 @@ def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoder_last_layer
     torch.testing.assert_close(total, expected_w * expected_vf)
     assert total.requires_grad and not logs["vf_w"].requires_grad
 
+    # VA-VAE's units: its nll is summed over the 3*12*12 values per image; its clamp (here 1.0) binds there.
+    per_image = 3 * 12 * 12
+    clamped = VFLoss(
+        VFLossConfig(weight=0.1, cos_margin=0.0, distmat_margin=0.0, adaptive_max=1.0),
+        foundation_encoder=_FixedFeatures(), latent_channels=4,
+    )
+    clamped.projection.load_state_dict(vf.projection.state_dict())
+    total, logs = clamped(torch.zeros(2, 3, 12, 12), z, rec, last_layer)
+    reference_w = 0.1 * torch.clamp(per_image * rec_grad.norm() / (vf_grad.norm() + 1e-4), 0.0, 1.0)
+    assert per_image * rec_grad.norm() / (vf_grad.norm() + 1e-4) > 1.0  # the clamp binds
+    torch.testing.assert_close(per_image * (rec + total), per_image * rec + reference_w * expected_vf)
+    torch.testing.assert_close(logs["vf_w"], reference_w / per_image)
+
     fixed = VFLoss(VFLossConfig(weight=0.3, adaptive=False), foundation_encoder=_FixedFeatures(), latent_channels=4)
     total, logs = fixed(torch.zeros(2, 3, 12, 12), z, rec, last_layer)
     assert logs["vf_w"].item() == pytest.approx(0.3)

@@ -9,8 +9,11 @@ then is compared, token by token, with the frozen foundation encoder's features 
 
 Both use the projected latent, as VA-VAE's public code does. The margins leave the latent free where it is
 already close enough (there the loss and its gradient are exactly zero), which VA-VAE found to help
-reconstruction. The sum of the two terms is weighted adaptively: ``w_hyper * ||grad L_rec|| / ||grad L_vf||``
-with both gradients taken at the encoder's last layer.
+reconstruction. The sum of the two terms is weighted adaptively: ``w_hyper * ||grad nll|| / ||grad L_vf||``
+with both gradients taken at the encoder's last layer, ``nll`` being the L1 + LPIPS term alone (as in
+VA-VAE). As for the GAN weight (:mod:`aligntok.losses.reconstruction`), the ratio is taken in VA-VAE's
+units, where the nll is summed over each image's C*H*W values, clamped there at ``adaptive_max`` (1e8),
+and divided by C*H*W to weight our mean-reduced losses.
 
 The foundation encoder is deliberately held outside the module tree (this class is not an ``nn.Module``),
 so it never appears in a checkpoint or a saved tokenizer; the trainable :attr:`VFLoss.projection` is a
@@ -39,7 +42,7 @@ class VFLossConfig:
     cos_weight: float = 1.0  #: weight of the marginal cosine term (from VA-VAE)
     distmat_weight: float = 1.0  #: weight of the marginal distance-matrix term (from VA-VAE)
     adaptive: bool = True  #: (from VA-VAE) w = w_hyper * ||grad L_rec|| / ||grad L_vf|| at the encoder's last layer
-    adaptive_max: float = 1e8  #: upper clamp of the adaptive weight (from VA-VAE)
+    adaptive_max: float = 1e8  #: upper clamp of the adaptive weight, in VA-VAE's units (nll summed over C*H*W; from VA-VAE)
 
     def validate(self) -> None:
         if min(self.weight, self.cos_weight, self.distmat_weight) < 0:
@@ -112,15 +115,13 @@ class VFLoss:
         return self.frozen_encoder(x, grid)
 
     def __call__(
-        self, x: torch.Tensor, z: torch.Tensor, rec_loss: torch.Tensor, encoder_last_layer: torch.Tensor
+        self, x: torch.Tensor, z: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``w * (cos_weight * L_mcos + distmat_weight * L_mdms)`` for images ``x`` and their latent ``z``.
 
-        ``rec_loss`` (with its graph) and ``encoder_last_layer`` give the adaptive weight ``w``; outside
-        training (no gradient) the adaptive weight is 0, as for the GAN term. VA-VAE balances against its
-        L1 + LPIPS term alone; the tokenizer task passes :class:`ReconstructionLoss`'s total, which is
-        exactly that before the GAN starts and afterwards also holds the adaptively weighted GAN term
-        (the loss returns its parts detached), so after ``gan_start`` ``w`` can differ from VA-VAE's.
+        ``nll`` (the L1 + LPIPS term, mean-reduced, with its graph: :meth:`ReconstructionLoss.nll_loss`)
+        and ``encoder_last_layer`` give the adaptive weight ``w`` (in VA-VAE's units, see the module
+        docstring); outside training (no gradient) the adaptive weight is 0, as for the GAN term.
         """
         cfg = self.config
         features = self.reference(x, (z.shape[-2], z.shape[-1]))
@@ -130,7 +131,9 @@ class VFLoss:
             mdms = marginal_distance_matrix_loss(projected, features.float(), cfg.distmat_margin)
             vf = cfg.cos_weight * mcos + cfg.distmat_weight * mdms
             if cfg.adaptive:
-                weight = cfg.weight * adaptive_gan_weight(rec_loss, vf, encoder_last_layer, cfg.adaptive_max)
+                weight = cfg.weight * adaptive_gan_weight(
+                    nll, vf, encoder_last_layer, cfg.adaptive_max, nll_scale=x[0].numel()
+                )
             else:
                 weight = vf.new_tensor(cfg.weight)
             total = weight * vf

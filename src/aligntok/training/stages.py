@@ -194,7 +194,8 @@ class TokenizerStageTask:
         tok = self.tokenizer
         encoded = self._encode(x)
         recon = tok.decode(encoded.latent)
-        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer)
+        nll = self.recon_loss.nll_loss(x, recon)  # kept with its graph: the VF weight balances against it
+        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer, nll=nll)
         total = rec
         if self.semantic is not None:
             sp, sp_logs = self.semantic(x, encoded.pre, encoded.latent)  # already weighted by w_sp
@@ -208,7 +209,7 @@ class TokenizerStageTask:
             total = total + kl_term
             logs = {**logs, "kl": kl.detach(), "kl_total": kl_term.detach()}
         if self.vf is not None and isinstance(tok, VAETokenizer):
-            vf, vf_logs = self.vf(x, encoded.latent, rec, tok.encoder.last_layer)
+            vf, vf_logs = self.vf(x, encoded.latent, nll[0], tok.encoder.last_layer)
             total = total + vf
             logs = {**logs, **vf_logs}
         out = {"generator": (total, logs)}
