@@ -241,7 +241,7 @@ def test_gen_writes_every_metric_beside_the_samples(tmp_path, inception_file, di
     save_npz(samples, tmp_path / "samples.npz")
     save_png_folder(references.astype(np.uint8), tmp_path / "ref")
     args = ["evaluate", "gen", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref"),
-            "--inception-weights", str(inception_file), "--dinov2", str(dinov2_dir), "--is-splits", "1",
+            "--inception-weights", str(inception_file), "--dinov2", str(dinov2_dir), "--is-split-size", "4",
             "--batch-size", "4"]
     code, stdout, _ = _run(args, capsys)
     assert code == 0

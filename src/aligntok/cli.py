@@ -49,7 +49,7 @@ def _evaluate_gen(args: argparse.Namespace) -> None:
     out = args.out or default_output_path(args.samples, "gen")
     result = evaluate_generation(
         args.samples, args.ref, inception_weights=args.inception_weights,
-        dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_splits=args.is_splits,
+        dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_split_size=args.is_split_size,
         allow_download=not args.offline, progress=True,
     )
     _publish("gen", result, out)
@@ -135,7 +135,8 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", type=Path, help="Inception file (default: torch-fidelity's cache)")
     p.add_argument("--dinov2", default="auto",
                    help="DINOv2 for FD_DINOv2: hub id or directory, auto (ViT-L/14 if cached) or none")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 10)")
+    p.add_argument("--is-split-size", type=int, default=5000,
+                   help="samples per Inception Score chunk (ADM: 5000, so 50,000 samples give 10 chunks)")
     offline_option(p)
     p.set_defaults(func=_evaluate_gen)
 
