@@ -156,3 +156,9 @@ def test_training_log_records_each_stage(run):
         lines = (run_dir / "train" / f"stage{n}" / "log.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert records and all(r["step"] <= 3 for r in records)
+
+
+def test_stage2_ema_warms_up_by_default_even_where_a_config_sets_only_its_decay():
+    cfg = load_config(TokenizerTrainConfig, TINY)  # tiny.yaml sets stage2's ema_decay, not ema_warmup
+    assert cfg.stage2.train.ema_decay == 0.98 and cfg.stage2.train.ema_warmup
+    assert TokenizerTrainConfig().stage2.train.ema_warmup

@@ -86,7 +86,11 @@ class TokenizerTrainConfig:
     kl: KLConfig = dataclasses.field(default_factory=KLConfig)  #: the baselines' KL term (method vae, vavae)
     vf: VFLossConfig = dataclasses.field(default_factory=VFLossConfig)  #: the VF loss (method vavae)
     stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
-    stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(train=TrainConfig(ema_decay=0.9999)))
+    #: Stage 2 keeps an EMA with LDM's LitEma warm-up, so a stage shorter than the EMA's lag
+    #: (1 / (1 - decay) steps) still exports weights close to those it trained.
+    stage2: StageConfig = dataclasses.field(
+        default_factory=lambda: StageConfig(train=TrainConfig(ema_decay=0.9999, ema_warmup=True))
+    )
     stage3: StageConfig = dataclasses.field(default_factory=StageConfig)
 
     def stage(self, number: int) -> StageConfig:

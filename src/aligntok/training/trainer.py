@@ -260,7 +260,9 @@ class Trainer:
             module.to(self.device)
             distributed.broadcast_module_state(module)  # replicas (and FSDP shards) start from rank 0
         # EMA copies are taken before sharding and then sharded the same way as their module.
-        self.emas = {name: ModuleEMA(self.modules[name], train.ema_decay) for name in ema_names}
+        self.emas = {
+            name: ModuleEMA(self.modules[name], train.ema_decay, warmup=train.ema_warmup) for name in ema_names
+        }
         self.fsdp = train.fsdp and self.dist.world_size > 1
         if self.fsdp:
             for name, module in self.modules.items():
