@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from aligntok.config import ConfigError, load_config
 from aligntok.models.tokenizer import AlignTokTokenizer
@@ -16,11 +17,14 @@ from aligntok.training.stages import (
     STAGES,
     TokenizerStageTask,
     TokenizerTrainConfig,
+    build_recon_loss,
     build_semantic_loss,
     build_stage_tokenizer,
+    stage_train_dir,
     train_tokenizer,
 )
 from aligntok.losses.reconstruction import ReconstructionLoss
+from aligntok.training.checkpoint import latest_checkpoint, load_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
 
@@ -162,3 +166,28 @@ def test_stage2_ema_warms_up_by_default_even_where_a_config_sets_only_its_decay(
     cfg = load_config(TokenizerTrainConfig, TINY)  # tiny.yaml sets stage2's ema_decay, not ema_warmup
     assert cfg.stage2.train.ema_decay == 0.98 and cfg.stage2.train.ema_warmup
     assert TokenizerTrainConfig().stage2.train.ema_warmup
+
+
+def _disc_adam_steps(run_dir: Path, number: int) -> set[int]:
+    file = latest_checkpoint(stage_train_dir(run_dir, number)) / "optimizer_discriminator.pt"
+    return {int(values["step"]) for values in load_state(file)["state"].values()}
+
+
+def test_stage2_starts_with_stage1s_discriminator_and_its_adam_moments(run):
+    cfg, run_dir, _, _ = run
+    stage1 = latest_checkpoint(stage_train_dir(run_dir, 1))
+    loss, carried = build_recon_loss(cfg, run_dir, STAGES[2])
+    assert carried == stage1
+    expected = load_file(stage1 / "model_discriminator.safetensors")
+    assert all(torch.equal(loss.discriminator.state_dict()[k], v) for k, v in expected.items())  # loaded as saved
+    # loss.gan_start=2 is counted over the discriminator's life: after stage 1's 3 steps it is on from step 0.
+    assert loss.config.gan_start == 0 and build_recon_loss(cfg, run_dir, STAGES[3])[0].config.gan_start == 0
+    # The trained run continued Adam's state: stage 2's 3 discriminator steps add to stage 1's count.
+    assert _disc_adam_steps(run_dir, 2) == {s + 3 for s in _disc_adam_steps(run_dir, 1)}
+
+    cfg.stage2.gan_start = 7  # a stage's own gan_start wins
+    assert build_recon_loss(cfg, run_dir, STAGES[2])[0].config.gan_start == 7
+    cfg.stage2.gan_start, cfg.stage2.carry_discriminator = None, False
+    fresh, none = build_recon_loss(cfg, run_dir, STAGES[2])
+    assert none is None and fresh.config.gan_start == 2
+    assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in expected.items())

@@ -52,7 +52,8 @@ class ReconLossConfig:
     lpips_net: str = "vgg"  #: LPIPS backbone: vgg | alex | squeeze
     lpips_pretrained_backbone: bool = True  #: False = random backbone features (offline tests only; not a real LPIPS)
     gan_weight: float = 0.5  #: base weight of the generator's GAN term (VA-VAE / LDM: 0.5)
-    gan_start: int = 5000  #: step at which the GAN terms switch on (inferred from VA-VAE)
+    #: step at which the GAN terms switch on (VA-VAE's disc_start 5001 counts two Lightning steps per batch)
+    gan_start: int = 2500
     adaptive_weight: bool = True  #: scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer
     adaptive_max: float = 1e4  #: upper clamp of the adaptive weight in LDM's units (nll summed over C*H*W; LDM: 1e4)
     discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)  #: PatchGAN settings

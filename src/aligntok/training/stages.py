@@ -70,6 +70,18 @@ class StageConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  #: the tokenizer's optimizer
     disc_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  #: the discriminator's optimizer
     init_from_ema: bool = True  #: start from the previous stage's EMA weights when it kept an EMA
+    #: Start from the previous stage's discriminator (weights and Adam moments, from its last checkpoint)
+    #: instead of a fresh one, as VA-VAE carries its discriminator through its fine-tuning stages. A first
+    #: stage always starts a fresh one.
+    carry_discriminator: bool = True
+    #: Step of this stage at which the GAN terms switch on. null: loss.gan_start counted from the start of
+    #: the discriminator's life, i.e. minus the steps of the earlier stages it was carried through (so after
+    #: a stage 1 longer than loss.gan_start the GAN is on from step 0, as VA-VAE's fine-tuning has disc_start 1).
+    gan_start: int | None = None
+
+    def validate(self) -> None:
+        if self.gan_start is not None and self.gan_start < 0:
+            raise ConfigError(f"gan_start={self.gan_start} must be >= 0 (or null)")
 
 
 @dataclasses.dataclass
@@ -266,6 +278,52 @@ def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage
     return tokenizer
 
 
+def carried_discriminator_checkpoint(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> Path | None:
+    """The previous stage's last complete checkpoint, whose discriminator this stage continues; None for a
+    first stage, with ``carry_discriminator: false``, or when that stage left no checkpoint (logged)."""
+    from aligntok.training.checkpoint import latest_checkpoint
+
+    if stage.starts_from is None or not cfg.stage(stage.number).carry_discriminator:
+        return None
+    found = latest_checkpoint(stage_train_dir(run_dir, stage.starts_from))
+    if found is None:
+        log.warning(
+            "stage %d: stage %d left no checkpoint under %s, so its discriminator cannot be carried over; "
+            "starting a fresh one (set stage%d.carry_discriminator=false to say so)",
+            stage.number, stage.starts_from, stage_train_dir(run_dir, stage.starts_from), stage.number,
+        )
+    return found
+
+
+def stage_gan_start(cfg: TokenizerTrainConfig, stage: Stage, carried: bool) -> int:
+    """The step of ``stage`` at which its GAN terms switch on (see ``StageConfig.gan_start``)."""
+    own = cfg.stage(stage.number).gan_start
+    if own is not None:
+        return own
+    trained_before, current = 0, stage
+    while carried and current.starts_from is not None:
+        previous = cfg.stages[current.starts_from]
+        trained_before += cfg.stage(previous.number).train.steps
+        if previous.starts_from is None or not cfg.stage(previous.number).carry_discriminator:
+            break
+        current = previous
+    return max(0, cfg.loss.gan_start - trained_before)
+
+
+def build_recon_loss(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> tuple[ReconstructionLoss, Path | None]:
+    """The stage's L_rec with its discriminator: carried over from the previous stage's last checkpoint
+    (returned, so its optimizer state can follow) or fresh, and the stage's own ``gan_start``."""
+    from aligntok.training.checkpoint import load_tensors, require_file
+
+    carried = carried_discriminator_checkpoint(cfg, run_dir, stage)
+    loss_cfg = dataclasses.replace(cfg.loss, gan_start=stage_gan_start(cfg, stage, carried is not None))
+    loss = ReconstructionLoss(loss_cfg)
+    if carried is not None:
+        file = require_file(carried / "model_discriminator.safetensors", "weights of module 'discriminator'")
+        loss.discriminator.load_state_dict(load_tensors(file))
+    return loss, carried
+
+
 def build_semantic_loss(cfg: TokenizerTrainConfig, run_dir: Path) -> SemanticPreservationLoss:
     """The frozen stage-1 encoder+adapter, rebuilt from stage 1's output (never from a checkpoint)."""
     teacher = AlignTokTokenizer.from_pretrained(_require_stage_output(run_dir, 1, 2))
@@ -329,9 +387,9 @@ def train_tokenizer(
         tokenizer = build_stage_tokenizer(cfg, run_dir, stage).to(dist.device)
         semantic = build_semantic_loss(cfg, run_dir).to(dist.device) if stage.semantic_loss else None
         vf = build_vf_loss(cfg, stage).to(dist.device) if stage.vf_loss else None
+        recon_loss, carried = build_recon_loss(cfg, run_dir, stage)
         task = TokenizerStageTask(
-            tokenizer, stage, ReconstructionLoss(cfg.loss).to(dist.device), semantic,
-            kl=cfg.kl if stage.kl_loss else None, vf=vf,
+            tokenizer, stage, recon_loss.to(dist.device), semantic, kl=cfg.kl if stage.kl_loss else None, vf=vf
         )
         per_rank = stage_cfg.train.batch_size // dist.world_size
 
@@ -350,6 +408,10 @@ def train_tokenizer(
             run_config=cfg,
             dist=dist,
         )
+        if carried is not None:
+            trainer.warm_start_optimizer("discriminator", carried)
+            log.info("stage %d: discriminator carried over from %s (GAN from step %d)", number, carried,
+                     recon_loss.config.gan_start)
         trainer.fit()
         card = {"method": cfg.method, "stage": f"{number} ({stage.name})"}
         if stage.vf_loss:

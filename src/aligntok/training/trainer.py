@@ -454,6 +454,26 @@ class Trainer:
         else:
             ckpt.restore_rng_state(rng, self.device)
 
+    def warm_start_optimizer(self, name: str, checkpoint: Path) -> None:
+        """Take optimizer ``name``'s per-parameter state (Adam moments, step counts) from another run's
+        checkpoint directory, keeping this run's hyperparameters and schedule.
+
+        For a module carried over from that run (e.g. the discriminator from the previous tokenizer stage);
+        call before :meth:`fit`. Resuming from this run's own checkpoint replaces it.
+        """
+        optimizer = self.optimizers[name]
+        file = ckpt.require_file(Path(checkpoint) / f"optimizer_{name}.pt", f"state of optimizer '{name}'")
+        saved = ckpt.load_state(file)
+        current = optimizer.state_dict()
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        current_sizes = [len(group["params"]) for group in current["param_groups"]]
+        if saved_sizes != current_sizes:
+            raise ValueError(
+                f"optimizer '{name}' in {checkpoint} holds parameter groups of sizes {saved_sizes}, this run's "
+                f"{current_sizes}: the module changed shape"
+            )
+        _load_optimizer(optimizer, {**current, "state": saved["state"]})
+
     def _restore(self) -> int | None:
         """Resume from the newest complete checkpoint (returning its step), else seed a fresh run."""
         if self.dist.is_main:
