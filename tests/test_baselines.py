@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 
 from aligntok.cli import main
@@ -21,6 +22,7 @@ from aligntok.models.baselines import (
     diagonal_gaussian_kl,
     sample_posterior,
 )
+from aligntok.models.encoders import RandomEncoderConfig, build_random_encoder
 from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerNotFoundError
 from aligntok.training.stages import (
     METHOD_STAGES,
@@ -342,9 +344,10 @@ def test_vf_gradient_is_zero_inside_the_margins_and_not_outside():
 
 
 class _FixedFeatures(nn.Module):
-    """A stand-in foundation encoder: fixed features on any grid."""
+    """A stand-in foundation encoder: fixed features on any grid, whichever preprocessing feeds it."""
 
     hidden_size = 5
+    patch_size = 4
 
     def __init__(self) -> None:
         super().__init__()
@@ -354,6 +357,28 @@ class _FixedFeatures(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         assert grid == (3, 3)
         return self.features * self.scale
+
+    def encode_pixels(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        assert pixels.shape[-2:] == (12, 12)
+        return self(pixels, grid)
+
+
+def test_vf_targets_are_fed_as_vavae_feeds_its_dinov2():
+    """VA-VAE's code: the [-1, 1] image, bilinear resize without antialiasing, no ImageNet normalisation."""
+    torch.manual_seed(0)
+    encoder = build_random_encoder(RandomEncoderConfig(hidden_size=16, num_heads=2, patch_size=14, image_size=56), stride=16)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # a 4x4 latent grid: 56 px for patch 14, as 256 px -> 224 px
+    vf = VFLoss(VFLossConfig(), foundation_encoder=encoder, latent_channels=4)
+    with torch.no_grad():
+        pixels = F.interpolate(x, size=(56, 56), mode="bilinear", align_corners=False)
+        tokens = encoder.model(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS
+        expected = tokens.reshape(2, 4, 4, 16).permute(0, 3, 1, 2)
+        torch.testing.assert_close(vf.reference(x, (4, 4)), expected)
+        own = VFLoss(VFLossConfig(preprocess="encoder"), foundation_encoder=encoder, latent_channels=4)
+        torch.testing.assert_close(own.reference(x, (4, 4)), encoder(x, (4, 4)))
+        assert (own.reference(x, (4, 4)) - expected).abs().max() > 1e-2  # the two really differ
+    with pytest.raises(ConfigError, match="preprocess='imagenet'"):
+        VFLossConfig(preprocess="imagenet").validate()
 
 
 def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoder_last_layer():

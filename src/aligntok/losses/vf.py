@@ -7,7 +7,11 @@ then is compared, token by token, with the frozen foundation encoder's features 
 - marginal distance matrix: per image, ``mean_ab relu(|cos(z'_a, z'_b) - cos(f_a, f_b)| - m2)`` over token
   pairs ``a, b``, i.e. the tokens' cosine-similarity matrices must agree up to ``m2``.
 
-Both use the projected latent, as VA-VAE's public code does. The margins leave the latent free where it is
+Both use the projected latent, as VA-VAE's public code does. The foundation features are, by default
+(``preprocess: vavae``), those of VA-VAE's code: its DINOv2 gets the image as the VAE does, in [-1, 1]
+without ImageNet normalisation, resized bilinearly without antialiasing (256 -> 224 px);
+``preprocess: encoder`` feeds it as AlignTok's encoder is fed instead (the encoder's pixel mean/std and an
+antialiased resize). The margins leave the latent free where it is
 already close enough (there the loss and its gradient are exactly zero), which VA-VAE found to help
 reconstruction. The sum of the two terms is weighted adaptively: ``w_hyper * ||grad nll|| / ||grad L_vf||``
 with both gradients taken at the encoder's last layer, ``nll`` being the L1 + LPIPS term alone (as in
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntok.config import ConfigError
+from aligntok.config import ConfigError, check_choice
 from aligntok.losses.reconstruction import adaptive_gan_weight
 
 
@@ -43,8 +47,12 @@ class VFLossConfig:
     distmat_weight: float = 1.0  #: weight of the marginal distance-matrix term (from VA-VAE)
     adaptive: bool = True  #: (from VA-VAE) w = w_hyper * ||grad L_rec|| / ||grad L_vf|| at the encoder's last layer
     adaptive_max: float = 1e8  #: upper clamp of the adaptive weight, in VA-VAE's units (nll summed over C*H*W; from VA-VAE)
+    #: vavae: the foundation encoder sees the [-1, 1] image, bilinearly resized without antialiasing, not
+    #: normalised (VA-VAE's code) | encoder: its own pixel mean/std and an antialiased resize (as AlignTok's)
+    preprocess: str = "vavae"
 
     def validate(self) -> None:
+        check_choice("preprocess", self.preprocess, ("vavae", "encoder"))
         if min(self.weight, self.cos_weight, self.distmat_weight) < 0:
             raise ConfigError("weight, cos_weight and distmat_weight must be >= 0")
         if not 0 <= self.cos_margin <= 2 or not 0 <= self.distmat_margin <= 2:
@@ -85,7 +93,8 @@ class VFLoss:
     """The VF loss of a VAE latent against a frozen foundation encoder, with its learned projection.
 
     ``foundation_encoder`` maps images in [-1, 1] to feature grids (B, D, h, w) on the latent's grid (a
-    :class:`~aligntok.models.encoders.FoundationEncoder` built for the tokenizer's stride). It is frozen and
+    :class:`~aligntok.models.encoders.FoundationEncoder` built for the tokenizer's stride; with
+    ``preprocess: vavae`` its ``patch_size`` and ``encode_pixels`` are used). It is frozen and
     put in eval mode here; pass one built for this loss, not a module that trains elsewhere.
     """
 
@@ -111,8 +120,13 @@ class VFLoss:
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The frozen foundation features of images ``x`` on a ``grid`` of tokens (B, D, h, w)."""
-        return self.frozen_encoder(x, grid)
+        """The frozen foundation features of images ``x`` (in [-1, 1]) on a ``grid`` of tokens (B, D, h, w)."""
+        if self.config.preprocess == "encoder":
+            return self.frozen_encoder(x, grid)
+        size = (grid[0] * self.frozen_encoder.patch_size, grid[1] * self.frozen_encoder.patch_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # VA-VAE: no antialiasing
+        return self.frozen_encoder.encode_pixels(x, grid)
 
     def __call__(
         self, x: torch.Tensor, z: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torch.Tensor
