@@ -420,3 +420,14 @@ def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoder_last_layer
     total, logs = fixed(torch.zeros(2, 3, 12, 12), z, rec, last_layer)
     assert logs["vf_w"].item() == pytest.approx(0.3)
     torch.testing.assert_close(total, 0.3 * logs["vf_loss"])
+
+
+@pytest.mark.parametrize("name", ["vae_f16d32", "vavae_f16d32", "aligntok_dinov2_f16d32"])
+def test_imagenet_configs_start_the_gan_after_vavaes_2500_batches(name):
+    """VA-VAE's disc_start 5001 counts Lightning's global_step, which its two optimizers (autoencoder and
+    discriminator, both stepped per batch) advance twice per batch: at batch b the discriminator step sees
+    2b + 1, so its GAN starts at batch 2500. Our steps count batches."""
+    vavae_disc_start, steps_per_batch = 5001, 2
+    first_batch = next(b for b in range(10_000) if steps_per_batch * b + 1 >= vavae_disc_start)
+    cfg = load_config(TokenizerTrainConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.loss.gan_start == first_batch == 2500
