@@ -230,6 +230,32 @@ def test_foundation_encoder_is_frozen_and_identical_to_aligntoks_start():
     assert all(torch.equal(before[k], v) for k, v in vf.frozen_encoder.state_dict().items())
 
 
+class _RecordingVF:
+    """Wraps a VFLoss and records the loss its adaptive weight balances against."""
+
+    def __init__(self, vf: VFLoss) -> None:
+        self.vf, self.balanced_against = vf, []
+        self.projection = vf.projection
+
+    def __call__(self, x, z, nll, last_layer):
+        self.balanced_against.append(nll.detach())
+        return self.vf(x, z, nll, last_layer)
+
+
+def test_vf_weight_balances_against_l1_plus_lpips_alone_as_vavae():
+    """VA-VAE's calculate_adaptive_weight_vf takes nll_loss (L1 + LPIPS), not the GAN-weighted total."""
+    cfg = fast_config("vavae")
+    torch.manual_seed(0)
+    recording = _RecordingVF(build_vf_loss(cfg, cfg.stages[1]))
+    task = TokenizerStageTask(build_tokenizer(cfg), cfg.stages[1], ReconstructionLoss(cfg.loss), None, kl=cfg.kl,
+                              vf=recording)
+    task.train_mode()
+    logs = task.losses({"image": images()}, step=5)["generator"][1]  # after gan_start=2: a GAN term is on
+    assert logs["gan_w"] > 0 and logs["rec_total"] != logs["nll"]
+    assert len(recording.balanced_against) == 1
+    torch.testing.assert_close(recording.balanced_against[0], logs["nll"])
+
+
 def test_vavae_resume_matches_an_uninterrupted_run(tmp_path):
     # The VAE draws posterior noise from torch's global RNG, so this also checks that the RNG state
     # comes back exactly (and that building the data loader draws nothing from it).
