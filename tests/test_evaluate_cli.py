@@ -89,10 +89,16 @@ def _recon_args(tokenizer_dir, inception_file, alexnet_file, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_process_recon(tmp_path_factory, tokenizer_dir, inception_file, alexnet_file) -> dict:
+def single_process_recon_file(tmp_path_factory, tokenizer_dir, inception_file, alexnet_file) -> Path:
     out = tmp_path_factory.mktemp("recon") / "recon.json"
     assert main(_recon_args(tokenizer_dir, inception_file, alexnet_file, out)) == 0
-    return json.loads(out.read_text())
+    return out
+
+
+@pytest.fixture
+def single_process_recon(single_process_recon_file) -> dict:
+    """The one-process result, parsed afresh for each test (the file is what the module shares)."""
+    return json.loads(single_process_recon_file.read_text())
 
 
 def _sha256(path: Path) -> str:
