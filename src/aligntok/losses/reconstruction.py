@@ -115,8 +115,8 @@ def adaptive_gan_weight(
         return torch.zeros((), device=nll.device)
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    reference = nll_scale * nll_grad.double().norm() / (gan_grad.double().norm() + ADAPTIVE_EPS)
-    return (reference.clamp(0.0, max_weight) / nll_scale).float().detach()
+    reference = nll_scale * nll_grad.float().norm() / (gan_grad.float().norm() + ADAPTIVE_EPS)
+    return (reference.clamp(0.0, max_weight) / nll_scale).detach()
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
