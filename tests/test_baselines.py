@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 
 from aligntok.cli import main
@@ -20,6 +22,7 @@ from aligntok.models.baselines import (
     diagonal_gaussian_kl,
     sample_posterior,
 )
+from aligntok.models.encoders import RandomEncoderConfig, build_random_encoder
 from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerNotFoundError
 from aligntok.training.stages import (
     METHOD_STAGES,
@@ -68,8 +71,11 @@ def state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The plain VAE trained through train_tokenizer, the VA-VAE through the CLI; initial weights kept."""
+def trained_runs(tmp_path_factory):
+    """The plain VAE trained through train_tokenizer, the VA-VAE through the CLI; initial weights kept.
+
+    Trained once per module; tests get copies through :func:`runs`.
+    """
     out = {}
     for method in ("vae", "vavae"):
         cfg = fast_config(method)
@@ -81,6 +87,12 @@ def runs(tmp_path_factory):
             assert main(["train-tokenizer", str(TINY[method]), "--out", str(run_dir), *FAST]) == 0
         out[method] = (cfg, run_dir, state(initial))
     return out
+
+
+@pytest.fixture
+def runs(trained_runs):
+    """Per method: (config, run directory, initial weights), copies a test may change freely."""
+    return {method: copy.deepcopy((cfg, run_dir, initial)) for method, (cfg, run_dir, initial) in trained_runs.items()}
 
 
 # ------------------------------------------------------------------------------------------ stage tables
@@ -218,6 +230,32 @@ def test_foundation_encoder_is_frozen_and_identical_to_aligntoks_start():
     assert all(torch.equal(before[k], v) for k, v in vf.frozen_encoder.state_dict().items())
 
 
+class _RecordingVF:
+    """Wraps a VFLoss and records the loss its adaptive weight balances against."""
+
+    def __init__(self, vf: VFLoss) -> None:
+        self.vf, self.balanced_against = vf, []
+        self.projection = vf.projection
+
+    def __call__(self, x, z, nll, last_layer):
+        self.balanced_against.append(nll.detach())
+        return self.vf(x, z, nll, last_layer)
+
+
+def test_vf_weight_balances_against_l1_plus_lpips_alone_as_vavae():
+    """VA-VAE's calculate_adaptive_weight_vf takes nll_loss (L1 + LPIPS), not the GAN-weighted total."""
+    cfg = fast_config("vavae")
+    torch.manual_seed(0)
+    recording = _RecordingVF(build_vf_loss(cfg, cfg.stages[1]))
+    task = TokenizerStageTask(build_tokenizer(cfg), cfg.stages[1], ReconstructionLoss(cfg.loss), None, kl=cfg.kl,
+                              vf=recording)
+    task.train_mode()
+    logs = task.losses({"image": images()}, step=5)["generator"][1]  # after gan_start=2: a GAN term is on
+    assert logs["gan_w"] > 0 and logs["rec_total"] != logs["nll"]
+    assert len(recording.balanced_against) == 1
+    torch.testing.assert_close(recording.balanced_against[0], logs["nll"])
+
+
 def test_vavae_resume_matches_an_uninterrupted_run(tmp_path):
     # The VAE draws posterior noise from torch's global RNG, so this also checks that the RNG state
     # comes back exactly (and that building the data loader draws nothing from it).
@@ -255,7 +293,7 @@ def test_encode_is_the_posterior_mean_and_training_decodes_samples(vae):
     torch.manual_seed(1)
     sample = sample_posterior(mean, logvar)
     torch.manual_seed(1)
-    assert torch.equal(sample, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+    torch.testing.assert_close(sample, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))  # the formula
     assert not torch.equal(sample, mean)
     with pytest.raises(ValueError, match="scale images to \\[-1, 1\\]"):
         vae.encode(x * 255)
@@ -332,9 +370,10 @@ def test_vf_gradient_is_zero_inside_the_margins_and_not_outside():
 
 
 class _FixedFeatures(nn.Module):
-    """A stand-in foundation encoder: fixed features on any grid."""
+    """A stand-in foundation encoder: fixed features on any grid, whichever preprocessing feeds it."""
 
     hidden_size = 5
+    patch_size = 4
 
     def __init__(self) -> None:
         super().__init__()
@@ -344,6 +383,28 @@ class _FixedFeatures(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         assert grid == (3, 3)
         return self.features * self.scale
+
+    def encode_pixels(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        assert pixels.shape[-2:] == (12, 12)
+        return self(pixels, grid)
+
+
+def test_vf_targets_are_fed_as_vavae_feeds_its_dinov2():
+    """VA-VAE's code: the [-1, 1] image, bilinear resize without antialiasing, no ImageNet normalisation."""
+    torch.manual_seed(0)
+    encoder = build_random_encoder(RandomEncoderConfig(hidden_size=16, num_heads=2, patch_size=14, image_size=56), stride=16)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # a 4x4 latent grid: 56 px for patch 14, as 256 px -> 224 px
+    vf = VFLoss(VFLossConfig(), foundation_encoder=encoder, latent_channels=4)
+    with torch.no_grad():
+        pixels = F.interpolate(x, size=(56, 56), mode="bilinear", align_corners=False)
+        tokens = encoder.model(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS
+        expected = tokens.reshape(2, 4, 4, 16).permute(0, 3, 1, 2)
+        torch.testing.assert_close(vf.reference(x, (4, 4)), expected)
+        own = VFLoss(VFLossConfig(preprocess="encoder"), foundation_encoder=encoder, latent_channels=4)
+        torch.testing.assert_close(own.reference(x, (4, 4)), encoder(x, (4, 4)))
+        assert (own.reference(x, (4, 4)) - expected).abs().max() > 1e-2  # the two really differ
+    with pytest.raises(ConfigError, match="preprocess='imagenet'"):
+        VFLossConfig(preprocess="imagenet").validate()
 
 
 def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoder_last_layer():
@@ -368,7 +429,31 @@ def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoder_last_layer
     torch.testing.assert_close(total, expected_w * expected_vf)
     assert total.requires_grad and not logs["vf_w"].requires_grad
 
+    # VA-VAE's units: its nll is summed over the 3*12*12 values per image; its clamp (here 1.0) binds there.
+    per_image = 3 * 12 * 12
+    clamped = VFLoss(
+        VFLossConfig(weight=0.1, cos_margin=0.0, distmat_margin=0.0, adaptive_max=1.0),
+        foundation_encoder=_FixedFeatures(), latent_channels=4,
+    )
+    clamped.projection.load_state_dict(vf.projection.state_dict())
+    total, logs = clamped(torch.zeros(2, 3, 12, 12), z, rec, last_layer)
+    reference_w = 0.1 * torch.clamp(per_image * rec_grad.norm() / (vf_grad.norm() + 1e-4), 0.0, 1.0)
+    assert per_image * rec_grad.norm() / (vf_grad.norm() + 1e-4) > 1.0  # the clamp binds
+    torch.testing.assert_close(per_image * (rec + total), per_image * rec + reference_w * expected_vf)
+    torch.testing.assert_close(logs["vf_w"], reference_w / per_image)
+
     fixed = VFLoss(VFLossConfig(weight=0.3, adaptive=False), foundation_encoder=_FixedFeatures(), latent_channels=4)
     total, logs = fixed(torch.zeros(2, 3, 12, 12), z, rec, last_layer)
     assert logs["vf_w"].item() == pytest.approx(0.3)
     torch.testing.assert_close(total, 0.3 * logs["vf_loss"])
+
+
+@pytest.mark.parametrize("name", ["vae_f16d32", "vavae_f16d32", "aligntok_dinov2_f16d32"])
+def test_imagenet_configs_start_the_gan_after_vavaes_2500_batches(name):
+    """VA-VAE's disc_start 5001 counts Lightning's global_step, which its two optimizers (autoencoder and
+    discriminator, both stepped per batch) advance twice per batch: at batch b the discriminator step sees
+    2b + 1, so its GAN starts at batch 2500. Our steps count batches."""
+    vavae_disc_start, steps_per_batch = 5001, 2
+    first_batch = next(b for b in range(10_000) if steps_per_batch * b + 1 >= vavae_disc_start)
+    cfg = load_config(TokenizerTrainConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.loss.gan_start == first_batch == 2500

@@ -161,12 +161,13 @@ def test_feature_stats_rejects_bad_batches():
         stats.update(np.full((2, 4), np.nan))
 
 
-def _adm_inception_score(logits: np.ndarray, splits: int) -> float:
-    """The improved-GAN / ADM formula, written out in numpy over contiguous splits."""
+def _adm_inception_score(logits: np.ndarray, split_size: int) -> float:
+    """ADM's compute_inception_score written out in numpy: contiguous chunks of split_size, the last short."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     scores = []
-    for part in np.array_split(probs, splits):
+    for start in range(0, len(probs), split_size):
+        part = probs[start : start + split_size]
         marginal = part.mean(0, keepdims=True)
         kl = (part * (np.log(part) - np.log(marginal))).sum(1).mean()
         scores.append(np.exp(kl))
@@ -174,26 +175,40 @@ def _adm_inception_score(logits: np.ndarray, splits: int) -> float:
 
 
 def test_inception_score_of_uniform_logits_is_one():
-    mean, std = inception_score(torch.zeros(50, 1008), splits=10)
+    mean, std = inception_score(torch.zeros(50, 1008), split_size=5)
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_inception_score_counts_confident_balanced_classes():
-    labels = torch.arange(240) % 8  # each split of 24 holds every one of the 8 classes 3 times
+    labels = torch.arange(240) % 8  # each chunk of 24 holds every one of the 8 classes 3 times
     logits = 50.0 * torch.nn.functional.one_hot(labels, 1008).double()
-    mean, _ = inception_score(logits, splits=10)
+    mean, _ = inception_score(logits, split_size=24)
     assert mean == pytest.approx(8.0, rel=1e-6)
 
 
+def test_inception_score_uses_adms_fixed_chunks_of_5000():
+    """12,000 confident samples: the first 5,000 spread over 5 classes (IS 5), the next 5,000 over 10
+    (IS 10), the last 2,000 over 4 (IS 4). ADM's chunks of 5,000 give (5 + 10 + 4) / 3; ten equal splits
+    of 1,200 would mix the groups and give another number."""
+    labels = torch.cat([torch.arange(5000) % 5, 5 + torch.arange(5000) % 10, 15 + torch.arange(2000) % 4])
+    logits = 60.0 * torch.nn.functional.one_hot(labels, 20).double()
+    mean, std = inception_score(logits)  # default: ADM's split size
+    assert mean == pytest.approx((5 + 10 + 4) / 3, rel=1e-6)
+    assert std == pytest.approx(np.std([5.0, 10.0, 4.0]), rel=1e-6)
+    assert mean == pytest.approx(_adm_inception_score(logits.numpy(), 5000), rel=1e-9)
+
+
 def test_inception_score_matches_the_adm_formula_without_shuffling():
-    logits = np.random.default_rng(9).normal(size=(100, 20)) * 3
-    mean, _ = inception_score(logits, splits=10)
+    logits = np.random.default_rng(9).normal(size=(105, 20)) * 3
+    mean, _ = inception_score(logits, split_size=10)  # ten chunks of 10 and one of 5
     assert mean == pytest.approx(_adm_inception_score(logits, 10), rel=1e-10)
 
 
-def test_inception_score_needs_a_sample_per_split():
-    with pytest.raises(ValueError, match="splits=10"):
-        inception_score(torch.zeros(5, 10), splits=10)
+def test_inception_score_needs_samples_and_a_positive_split_size():
+    with pytest.raises(ValueError, match="split_size"):
+        inception_score(torch.zeros(5, 10), split_size=0)
+    with pytest.raises(ValueError, match="at least one sample"):
+        inception_score(torch.zeros(0, 10))
 
 
 def _brute_force_precision_recall(samples: np.ndarray, refs: np.ndarray, k: int) -> tuple[float, float]:

@@ -49,8 +49,9 @@ def dinov2_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def image_sets():
+    """Fresh arrays per test (cheap): a test may write into them."""
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, size=(NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
     base = rng.integers(60, 200, size=(NUM_IMAGES, 1, 1, 3))
@@ -67,10 +68,10 @@ def _raw_inception(path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pool.double().numpy(), logits.double().numpy()
 
 
-def _is_numpy(logits: np.ndarray, splits: int) -> float:
+def _is_numpy(logits: np.ndarray, split_size: int) -> float:
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    parts = np.array_split(probs, splits)
+    parts = [probs[start : start + split_size] for start in range(0, len(probs), split_size)]
     return float(np.mean([np.exp((p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean()) for p in parts]))
 
 
@@ -96,7 +97,7 @@ def test_evaluate_generation_matches_direct_computation(tmp_path, inception_file
         tmp_path / "ref.npz",
         inception_weights=inception_file,
         dinov2=str(dinov2_dir),
-        is_splits=2,
+        is_split_size=2,
         batch_size=3,
         device="cpu",
     )
@@ -141,7 +142,7 @@ def test_evaluate_generation_matches_direct_computation(tmp_path, inception_file
     assert provenance["reference"]["fid_statistics"].startswith("precomputed")
     assert provenance["reference"]["sha256"] == hashlib.sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
     assert provenance["settings"]["samples"]["kind"] == "folder" and provenance["num_samples"] == NUM_IMAGES
-    assert provenance["software"]["torch-fidelity"] and provenance["settings"]["is_splits"] == 2
+    assert provenance["software"]["torch-fidelity"] and provenance["settings"]["is_split_size"] == 2
 
 
 class TinyFeatureNet(nn.Module):

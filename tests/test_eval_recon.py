@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
@@ -109,13 +109,20 @@ _ALEX_RELUS = (1, 4, 7, 9, 11)  # torchvision alexnet.features indices whose out
 
 
 @pytest.fixture(scope="module")
-def alexnet_file(tmp_path_factory) -> tuple[Path, nn.Module]:
+def alexnet_file(tmp_path_factory) -> Path:
     """A randomly initialised torchvision AlexNet trunk saved in torchvision's key layout."""
     torch.manual_seed(123)
-    features = torchvision.models.alexnet().features.eval()
+    features = torchvision.models.alexnet().features
     path = tmp_path_factory.mktemp("lpips") / "alexnet-random.safetensors"
     save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(path))
-    return path, features
+    return path
+
+
+def _alexnet_trunk(path: Path) -> nn.Module:
+    """A fresh AlexNet trunk holding the weights of ``path`` (each test builds its own module)."""
+    features = torchvision.models.alexnet().features.eval()
+    features.load_state_dict({k.removeprefix("features."): v for k, v in load_file(str(path)).items()})
+    return features
 
 
 def _reference_lpips(features: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,7 +149,8 @@ def _reference_lpips(features: nn.Module, a: torch.Tensor, b: torch.Tensor) -> t
 
 
 def test_lpips_with_a_trunk_file_matches_an_independent_computation(alexnet_file):
-    path, features = alexnet_file
+    path = alexnet_file
+    features = _alexnet_trunk(path)
     metric = LPIPSMetric("alex", backbone_weights=path)
     original, reconstruction = _uint8_images(2, 64), _noisy(_uint8_images(2, 64), 30)
     ours = metric(original, reconstruction)

@@ -89,10 +89,16 @@ def _recon_args(tokenizer_dir, inception_file, alexnet_file, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_process_recon(tmp_path_factory, tokenizer_dir, inception_file, alexnet_file) -> dict:
+def single_process_recon_file(tmp_path_factory, tokenizer_dir, inception_file, alexnet_file) -> Path:
     out = tmp_path_factory.mktemp("recon") / "recon.json"
     assert main(_recon_args(tokenizer_dir, inception_file, alexnet_file, out)) == 0
-    return json.loads(out.read_text())
+    return out
+
+
+@pytest.fixture
+def single_process_recon(single_process_recon_file) -> dict:
+    """The one-process result, parsed afresh for each test (the file is what the module shares)."""
+    return json.loads(single_process_recon_file.read_text())
 
 
 def _sha256(path: Path) -> str:
@@ -241,7 +247,7 @@ def test_gen_writes_every_metric_beside_the_samples(tmp_path, inception_file, di
     save_npz(samples, tmp_path / "samples.npz")
     save_png_folder(references.astype(np.uint8), tmp_path / "ref")
     args = ["evaluate", "gen", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref"),
-            "--inception-weights", str(inception_file), "--dinov2", str(dinov2_dir), "--is-splits", "1",
+            "--inception-weights", str(inception_file), "--dinov2", str(dinov2_dir), "--is-split-size", "4",
             "--batch-size", "4"]
     code, stdout, _ = _run(args, capsys)
     assert code == 0
@@ -256,12 +262,25 @@ def test_gen_writes_every_metric_beside_the_samples(tmp_path, inception_file, di
 # ------------------------------------------------------------------------------------- probe
 
 
-def test_probe_equals_the_library_on_builtin_shapes(tmp_path, tokenizer_dir, capsys):
+def _reference_features(dinov2_dir: Path, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The fixed reference encoder's patch tokens on the latent grid, written out: antialiased resize to
+    grid * 14 px, ImageNet normalisation, CLS dropped."""
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    pixels = torch.nn.functional.interpolate(images, size=(grid[0] * 14, grid[1] * 14), mode="bilinear",
+                                             align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = model(pixel_values=((pixels + 1) / 2 - mean) / std).last_hidden_state[:, 1:]
+    return tokens.reshape(len(images), grid[0], grid[1], -1).permute(0, 3, 1, 2)
+
+
+def test_probe_equals_the_library_on_builtin_shapes(tmp_path, tokenizer_dir, dinov2_dir, capsys):
     num = 40
     out = tmp_path / "probe.json"
     args = ["evaluate", "probe", "--tokenizer", str(tokenizer_dir), "--data", "builtin:shapes", "--num", str(num),
             "--resolution", str(RESOLUTION), "--num-workers", "0", "--batch-size", "16", "--cknna-k", "5",
-            "--out", str(out)]
+            "--cknna-encoder", str(dinov2_dir), "--out", str(out)]
     code, stdout, _ = _run(args, capsys)
     assert code == 0 and "linear probe" in stdout
     result = json.loads(out.read_text())
@@ -274,8 +293,13 @@ def test_probe_equals_the_library_on_builtin_shapes(tmp_path, tokenizer_dir, cap
     assert result["linear_probe_accuracy"] == pytest.approx(expected["linear_probe_accuracy"], abs=1e-12)
     assert result["chance_accuracy"] == pytest.approx(expected["chance_accuracy"])
     assert result["num_images"] == num and result["num_classes"] == 10
-    expected_cknna = cknna(average_pool(latents), average_pool(encoder_features), k=5)
+    # CKNNA against the fixed reference encoder, not against the tokenizer's own encoder.
+    reference = _reference_features(dinov2_dir, images, tuple(latents.shape[-2:]))
+    expected_cknna = cknna(average_pool(latents), average_pool(reference), k=5)
     assert result["cknna"] == pytest.approx(expected_cknna, rel=1e-5, abs=1e-7)
+    own_encoder = cknna(average_pool(latents), average_pool(encoder_features), k=5)
+    assert abs(result["cknna"] - own_encoder) > 1e-3
+    assert result["provenance"]["settings"]["cknna_encoder"] == str(dinov2_dir)
 
 
 def test_probe_finds_labels_that_the_latents_carry(tmp_path, tokenizer_dir, capsys):
@@ -317,15 +341,21 @@ class _EncoderlessTokenizer(nn.Module):
         return self.inner.decode(z)
 
 
-def test_probe_of_a_tokenizer_without_foundation_encoder_skips_cknna(tokenizer_dir):
+def test_probe_of_a_tokenizer_without_foundation_encoder_has_cknna_against_the_reference(tokenizer_dir, dinov2_dir):
+    """Baselines have no foundation encoder of their own; CKNNA measures them against the same reference."""
     tok = AlignTokTokenizer.from_pretrained(tokenizer_dir)
-    result = evaluate_tokenizer_probe(_EncoderlessTokenizer(tok), "builtin:shapes", num=30, resolution=RESOLUTION,
-                                      num_workers=0, progress=False)
+    options = {"num": 30, "resolution": RESOLUTION, "num_workers": 0, "cknna_k": 5, "progress": False}
+    result = evaluate_tokenizer_probe(_EncoderlessTokenizer(tok), "builtin:shapes", cknna_encoder=str(dinov2_dir),
+                                      **options)
     images, labels = _dataset_images("builtin:shapes", 30)
     with torch.no_grad():
-        expected = evaluate_probe(tok.encode(images), labels)
+        latents = tok.encode(images)
+    expected = evaluate_probe(latents, labels)
     assert result["linear_probe_accuracy"] == pytest.approx(expected["linear_probe_accuracy"], abs=1e-12)
-    assert result["cknna"] is None and "no foundation encoder" in result["notes"][0]
+    reference = _reference_features(dinov2_dir, images, tuple(latents.shape[-2:]))
+    assert result["cknna"] == pytest.approx(cknna(average_pool(latents), average_pool(reference), k=5), rel=1e-5)
+    skipped = evaluate_tokenizer_probe(_EncoderlessTokenizer(tok), "builtin:shapes", cknna_encoder=None, **options)
+    assert skipped["cknna"] is None and "--cknna-encoder none" in skipped["notes"][0]
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -46,9 +46,10 @@ def all_latents(cache: Path) -> dict[str, torch.Tensor]:
     return {key: torch.cat([s[key] for s in shards]) for key in ("latents", "latents_flip", "labels", "indices")}
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    root = tmp_path_factory.mktemp("latents")
+@pytest.fixture
+def cached(tmp_path):
+    """A fresh cache per test (seconds): some tests delete shards or rewrite the statistics."""
+    root = tmp_path
     tokenizer = make_tokenizer(root / "tok")
     before = AlignTokTokenizer.from_pretrained(tokenizer)
     result = cache_latents(tokenizer, "builtin:shapes", root / "cache", progress=False, **SETTINGS)

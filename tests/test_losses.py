@@ -53,8 +53,9 @@ class LastLayerToy(nn.Module):
         return self.conv(x)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loss() -> ReconstructionLoss:
+    """A fresh loss per test: tests swap its discriminator and switch its modes (never share a module)."""
     torch.manual_seed(0)
     return ReconstructionLoss(recon_config())
 
@@ -72,6 +73,18 @@ def test_adaptive_weight_hand_checked():
     assert adaptive_gan_weight(nll, flat, last, max_weight=1e4).item() == pytest.approx(1e4)
     with torch.no_grad():  # evaluation: nothing to differentiate
         assert adaptive_gan_weight(last.sum(), last.sum(), last).item() == 0.0
+
+
+def test_adaptive_weight_is_clamped_in_the_references_units():
+    """The reference's nll is nll_scale times ours: its ratio is 1000 * 5 / 2.0001 = 2499.9 (< 1e4, so
+    ours is that / 1000), and 10000 * 5 / 2.0001 = 24999 (clamped to 1e4, so ours is 1e4 / 10000 = 1)."""
+    last = torch.tensor([1.0, -2.0], requires_grad=True)
+    nll = (last * torch.tensor([3.0, 4.0])).sum()
+    gan = (last * torch.tensor([0.0, 2.0])).sum()
+    assert adaptive_gan_weight(nll, gan, last, 1e4, nll_scale=1000).item() == pytest.approx(5.0 / 2.0001)
+    assert adaptive_gan_weight(nll, gan, last, 1e4, nll_scale=10_000).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="nll_scale"):
+        adaptive_gan_weight(nll, gan, last, nll_scale=0)
 
 
 def test_hinge_values():
@@ -106,15 +119,17 @@ def test_gan_term_after_gan_start(loss):
     x = images()
     recon = toy(x)
     total, logs = loss.generator_loss(x, recon, step=10, last_layer=toy.conv.weight)
-    # Recompute the documented formula independently.
+    # Recompute the documented formula independently (clamped at 1e4 in units of C*H*W = 3072 times ours).
     l1 = (recon - x).abs().mean()
     nll = l1 + loss.lpips(recon, x).mean()
     gan = -loss.discriminator(recon).mean()
-    weight = torch.autograd.grad(nll, toy.conv.weight, retain_graph=True)[0].norm() / (
+    ratio = torch.autograd.grad(nll, toy.conv.weight, retain_graph=True)[0].norm() / (
         torch.autograd.grad(gan, toy.conv.weight, retain_graph=True)[0].norm() + 1e-4
     )
+    weight = ratio.clamp(max=1e4 / 3072)
     assert logs["gan_g"].item() == pytest.approx(gan.item(), rel=1e-5)
     assert logs["adaptive_w"].item() == pytest.approx(weight.item(), rel=1e-4)
+    assert logs["gan_w"].item() == pytest.approx(0.5 * weight.item(), rel=1e-4)
     assert total.item() == pytest.approx((nll + weight * 0.5 * gan).item(), rel=1e-5)
     loss.discriminator.zero_grad()
     total.backward()
@@ -123,12 +138,54 @@ def test_gan_term_after_gan_start(loss):
     assert all(p.grad is None for p in loss.lpips.parameters())
 
 
+class ScaledCritic(nn.Module):
+    """A critic whose logits are ``scale`` times the mean pixel: a small scale makes its gradient tiny."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x.mean(dim=(1, 2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("critic_scale, clamped", [(None, False), (1e-4, True)])
+def test_generator_loss_is_ldms_divided_by_the_values_per_image(loss, critic_scale, clamped):
+    """LDM's LPIPSWithDiscriminator (logvar 0, disc_factor 1), written out: nll summed over C*H*W and
+    averaged over the batch, d_weight clamped at 1e4 in those units, times disc_weight 0.5. Ours equals
+    it divided by C*H*W: the same total, the same gradient, whether or not the clamp binds."""
+    if critic_scale is not None:
+        loss.discriminator = ScaledCritic(critic_scale)  # a fresh loss per test: nothing shared changes
+    toy = LastLayerToy()
+    x = images(size=32)
+    recon = toy(x)
+    per_image = 3 * 32 * 32
+    total, logs = loss.generator_loss(x, recon, step=10, last_layer=toy.conv.weight)
+
+    rec = (x - recon).abs() + loss.lpips(x, recon)  # (B, 3, H, W) + (B, 1, 1, 1), as LDM broadcasts it
+    nll_ref = rec.sum() / rec.shape[0]
+    g_loss = -loss.discriminator(recon).mean()
+    nll_grad = torch.autograd.grad(nll_ref, toy.conv.weight, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, toy.conv.weight, retain_graph=True)[0]
+    raw = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    assert (raw.item() > 1e4) == clamped
+    d_weight = torch.clamp(raw, 0.0, 1e4).detach() * 0.5
+    reference = nll_ref + d_weight * g_loss
+
+    assert logs["d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-4)
+    assert logs["gan_w"].item() == pytest.approx(d_weight.item() / per_image, rel=1e-4)
+    assert (total * per_image).item() == pytest.approx(reference.item(), rel=1e-5)
+    ours = torch.autograd.grad(total * per_image, toy.conv.weight, retain_graph=True)[0]
+    theirs = torch.autograd.grad(reference, toy.conv.weight)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_fixed_gan_weight_when_not_adaptive():
     torch.manual_seed(0)
     fixed = ReconstructionLoss(recon_config(adaptive_weight=False, gan_weight=0.25))
     x, recon = images(), images(seed=1)
     total, logs = fixed.generator_loss(x, recon, step=10, last_layer=torch.zeros(1))
-    assert logs["adaptive_w"].item() == 1.0
+    assert logs["adaptive_w"].item() == 1.0 and logs["gan_w"].item() == 0.25
     assert total.item() == pytest.approx((logs["nll"] + 0.25 * logs["gan_g"]).item(), rel=1e-6)
 
 

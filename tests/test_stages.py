@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from aligntok.config import ConfigError, load_config
 from aligntok.models.tokenizer import AlignTokTokenizer
@@ -15,11 +17,14 @@ from aligntok.training.stages import (
     STAGES,
     TokenizerStageTask,
     TokenizerTrainConfig,
+    build_recon_loss,
     build_semantic_loss,
     build_stage_tokenizer,
+    stage_train_dir,
     train_tokenizer,
 )
 from aligntok.losses.reconstruction import ReconstructionLoss
+from aligntok.training.checkpoint import latest_checkpoint, load_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
 
@@ -48,13 +53,21 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def trained_run(tmp_path_factory):
+    """The three stages, trained once per module; tests get copies through :func:`run`."""
     cfg = load_config(TokenizerTrainConfig, TINY, FAST)
     run_dir = tmp_path_factory.mktemp("tok_run")
     initial = _parts(build_stage_tokenizer(cfg, run_dir, STAGES[1]))
     outputs = train_tokenizer(cfg, run_dir)
     weights = {n: _parts(AlignTokTokenizer.from_pretrained(outputs[n])) for n in (1, 2, 3)}
     return cfg, run_dir, initial, weights
+
+
+@pytest.fixture
+def run(trained_run):
+    """(config, run directory, initial weights, weights per stage): a test may change its copies freely."""
+    cfg, run_dir, initial, weights = trained_run
+    return copy.deepcopy(cfg), run_dir, copy.deepcopy(initial), copy.deepcopy(weights)
 
 
 def test_stage_table_matches_the_paper():
@@ -104,12 +117,14 @@ def test_semantic_loss_is_zero_at_stage2_start_and_grows_with_drift(run):
     task = TokenizerStageTask(tok, STAGES[2], ReconstructionLoss(cfg.loss), build_semantic_loss(cfg, run_dir))
     batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1}
     logs = task.losses(batch, step=0)["generator"][1]
-    assert float(logs["sp_total"]) == 0.0
+    # The live encoder (autograd on) and its frozen copy (no_grad) may round differently: ~1e-15, not 0.
+    start = float(logs["sp_total"])
+    assert start == pytest.approx(0.0, abs=1e-9)
     with torch.no_grad():
         for p in tok.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     drifted = float(task.losses(batch, step=0)["generator"][1]["sp_total"])
-    assert drifted > 0.0
+    assert drifted > 1e-6 and drifted > 1e3 * start
 
 
 def test_rerun_skips_finished_stages(run):
@@ -145,3 +160,34 @@ def test_training_log_records_each_stage(run):
         lines = (run_dir / "train" / f"stage{n}" / "log.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert records and all(r["step"] <= 3 for r in records)
+
+
+def test_stage2_ema_warms_up_by_default_even_where_a_config_sets_only_its_decay():
+    cfg = load_config(TokenizerTrainConfig, TINY)  # tiny.yaml sets stage2's ema_decay, not ema_warmup
+    assert cfg.stage2.train.ema_decay == 0.98 and cfg.stage2.train.ema_warmup
+    assert TokenizerTrainConfig().stage2.train.ema_warmup
+
+
+def _disc_adam_steps(run_dir: Path, number: int) -> set[int]:
+    file = latest_checkpoint(stage_train_dir(run_dir, number)) / "optimizer_discriminator.pt"
+    return {int(values["step"]) for values in load_state(file)["state"].values()}
+
+
+def test_stage2_starts_with_stage1s_discriminator_and_its_adam_moments(run):
+    cfg, run_dir, _, _ = run
+    stage1 = latest_checkpoint(stage_train_dir(run_dir, 1))
+    loss, carried = build_recon_loss(cfg, run_dir, STAGES[2])
+    assert carried == stage1
+    expected = load_file(stage1 / "model_discriminator.safetensors")
+    assert all(torch.equal(loss.discriminator.state_dict()[k], v) for k, v in expected.items())  # loaded as saved
+    # loss.gan_start=2 is counted over the discriminator's life: after stage 1's 3 steps it is on from step 0.
+    assert loss.config.gan_start == 0 and build_recon_loss(cfg, run_dir, STAGES[3])[0].config.gan_start == 0
+    # The trained run continued Adam's state: stage 2's 3 discriminator steps add to stage 1's count.
+    assert _disc_adam_steps(run_dir, 2) == {s + 3 for s in _disc_adam_steps(run_dir, 1)}
+
+    cfg.stage2.gan_start = 7  # a stage's own gan_start wins
+    assert build_recon_loss(cfg, run_dir, STAGES[2])[0].config.gan_start == 7
+    cfg.stage2.gan_start, cfg.stage2.carry_discriminator = None, False
+    fresh, none = build_recon_loss(cfg, run_dir, STAGES[2])
+    assert none is None and fresh.config.gan_start == 2
+    assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in expected.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ WIDTHS = (8, 16, 16)
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory) -> BuiltinEvalNetwork:
+def network_dir(tmp_path_factory) -> Path:
+    """The network's files, written once per module (a directory is what the tests share, never a module)."""
     torch.manual_seed(0)
     backbone = standins._build_eval_backbone(WIDTHS, stem_stride=2)
     heads = nn.Linear(WIDTHS[-1], standins._HEAD_WIDTH)
@@ -44,7 +46,12 @@ def network(tmp_path_factory) -> BuiltinEvalNetwork:
     config = {"architecture": "aligntok.standins eval CNN", "widths": list(WIDTHS), "stem_stride": 2,
               "resolution": RESOLUTION, "head_layout": standins._HEAD_LAYOUT, "class_names": []}
     (directory / standins.EVAL_CONFIG_FILE).write_text(json.dumps(config))
-    return load_eval_network(directory)
+    return directory
+
+
+@pytest.fixture
+def network(network_dir) -> BuiltinEvalNetwork:
+    return load_eval_network(network_dir)
 
 
 def _images(count: int, seed: int, size: int = RESOLUTION) -> torch.Tensor:

@@ -277,7 +277,7 @@ def test_eval_network_plays_inception_in_evaluate_generation(tmp_path, eval_dir)
     samples, refs = tmp_path / "samples.npz", tmp_path / "refs.npz"
     save_npz(_uint8_images(24, 32, 4).permute(0, 2, 3, 1).numpy(), samples)
     save_npz(_uint8_images(24, 32, 5).permute(0, 2, 3, 1).numpy(), refs)
-    result = evaluate_generation(samples, refs, inception=network, dinov2=None, is_splits=2, device="cpu")
+    result = evaluate_generation(samples, refs, inception=network, dinov2=None, is_split_size=2, device="cpu")
     assert result["fid"] == pytest.approx(builtin_fd(
         _uint8_images(24, 32, 4), _uint8_images(24, 32, 5), network=network), rel=1e-6)
     assert np.isfinite(result["inception_score"])

@@ -20,6 +20,7 @@ from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, TrainConfig
 from aligntok.training.distributed import DistInfo
+from aligntok.training.ema import ModuleEMA, warmup_decay
 from aligntok.training.trainer import Trainer, TrainingAborted, lr_factor, split_batch
 
 FEATURES = 4
@@ -400,3 +401,36 @@ def test_resuming_with_another_batch_size_or_model_shape_is_refused_in_one_line(
     # Nothing was loaded or written by the refused attempts: the original settings resume.
     result = toy_trainer(tmp_path / "run", steps=6).fit()
     assert result.resumed_from == 3 and result.step == 6
+
+
+def test_ema_warmup_follows_litemas_decay_by_hand():
+    live = nn.Linear(1, 1, bias=False)
+    ema = ModuleEMA(live, 0.9, warmup=True)
+    decays = []
+    for value in (0.0, 1.0, 1.0):
+        with torch.no_grad():
+            live.weight.fill_(value)
+        before = ema.module.weight.item()
+        ema.update_parameters(live)
+        if ema.num_updates > 1:
+            decays.append((value - ema.module.weight.item()) / (value - before))
+    # update 0 copies (0), update 1 keeps 2/11 of it (9/11), update 2 keeps 3/12 of that
+    assert ema.module.weight.item() == pytest.approx(1.0 - (2 / 11) * (3 / 12))
+    assert decays == pytest.approx([2 / 11, 3 / 12]) and warmup_decay(0.9, 100) == 0.9
+    ema.num_updates = 50  # resuming restores the warm-up's position
+    assert ema._updates == 50
+
+
+def test_ema_warmup_keeps_a_short_runs_ema_near_its_trained_weights(tmp_path):
+    """40 steps at decay 0.98 (lag ~49 steps): without warm-up the EMA stays near the start."""
+    distances = {}
+    for warmup in (False, True):
+        task = ToyTask(noise=False)
+        start = {k: v.detach().clone() for k, v in task.gen.state_dict().items()}
+        trainer = toy_trainer(tmp_path / str(warmup), task=task, steps=40, ema_decay=0.98, ema_warmup=warmup)
+        trainer.fit()
+        ema, live = trainer.ema_state_dict("gen"), task.gen.state_dict()
+        moved = sum((live[k] - start[k]).square().sum() for k in live).sqrt()
+        distances[warmup] = float(sum((live[k] - ema[k]).square().sum() for k in live).sqrt() / moved)
+    assert distances[False] > 0.4  # the problem: the exported EMA is far from what the run trained
+    assert distances[True] < 0.25 * distances[False]

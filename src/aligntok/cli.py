@@ -49,7 +49,7 @@ def _evaluate_gen(args: argparse.Namespace) -> None:
     out = args.out or default_output_path(args.samples, "gen")
     result = evaluate_generation(
         args.samples, args.ref, inception_weights=args.inception_weights,
-        dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_splits=args.is_splits,
+        dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_split_size=args.is_split_size,
         allow_download=not args.offline, progress=True,
     )
     _publish("gen", result, out)
@@ -62,7 +62,7 @@ def _evaluate_probe(args: argparse.Namespace) -> None:
     result = evaluate_tokenizer_probe(
         args.tokenizer, args.data, test_data=args.test_data, resolution=args.resolution, num=args.num,
         test_num=args.test_num, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-        cknna_k=args.cknna_k, cknna_samples=args.cknna_samples,
+        cknna_k=args.cknna_k, cknna_samples=args.cknna_samples, cknna_encoder=args.cknna_encoder,
     )
     _publish("probe", result, out)
 
@@ -135,17 +135,21 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", type=Path, help="Inception file (default: torch-fidelity's cache)")
     p.add_argument("--dinov2", default="auto",
                    help="DINOv2 for FD_DINOv2: hub id or directory, auto (ViT-L/14 if cached) or none")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 10)")
+    p.add_argument("--is-split-size", type=int, default=5000,
+                   help="samples per Inception Score chunk (ADM: 5000, so 50,000 samples give 10 chunks)")
     offline_option(p)
     p.set_defaults(func=_evaluate_gen)
 
-    p = kinds.add_parser("probe", help="linear probe on pooled latents and CKNNA with the foundation encoder")
+    p = kinds.add_parser("probe", help="linear probe on pooled latents and CKNNA with a fixed reference encoder")
     data_options(p)
     common(p, 64)
     p.add_argument("--test-data", help="held-out data spec (default: a seeded 20%% split of --data)")
     p.add_argument("--test-num", type=int, help="test images to use (default: all)")
     p.add_argument("--cknna-k", type=int, default=10, help="nearest neighbours of CKNNA")
     p.add_argument("--cknna-samples", type=int, default=10_000, help="images in CKNNA's seeded subset (O(n^2) memory)")
+    p.add_argument("--cknna-encoder", default="auto",
+                   help="the fixed pretrained encoder CKNNA measures every tokenizer against: auto (DINOv2-L/14 if "
+                        "cached), a hub id, a directory, standin:NAME, or none")
     p.set_defaults(func=_evaluate_probe)
 
 

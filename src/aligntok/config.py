@@ -164,6 +164,7 @@ class TrainConfig:
     precision: str = "auto"  #: fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU)
     seed: int = 0  #: seeds data order, augmentation and model RNG
     ema_decay: float = 0.0  #: EMA decay of trained weights; 0 disables EMA
+    ema_warmup: bool = False  #: decay min(ema_decay, (1+n)/(10+n)) at update n (LDM's LitEma), for short runs
     log_every: int = 10  #: steps between log lines / JSONL records
     ckpt_every: int = 500  #: steps between checkpoints (one is always written at the end)
     keep_last: int = 3  #: complete checkpoints kept on disk

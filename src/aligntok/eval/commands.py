@@ -6,7 +6,8 @@
   through the one uint8 conversion. Under torchrun each rank reads a disjoint slice of the selected
   images (no padding, no duplicates) and the metrics are combined across ranks.
 * :func:`evaluate_tokenizer_probe` pools the tokenizer's latents for a linear probe and compares
-  them with its own foundation encoder's (pre-adapter) features by CKNNA.
+  them by CKNNA with the features of one fixed, pretrained reference encoder (DINOv2-L/14 by default),
+  the same for every tokenizer, as the paper measures AlignTok and its baselines.
 * ``aligntok evaluate gen`` calls :func:`aligntok.eval.evaluate_generation` directly.
 * :func:`write_result` / :func:`summarize` / :func:`default_output_path`: the JSON file (strict JSON,
   written atomically by rank 0) and the short human summary every command prints.
@@ -391,8 +392,8 @@ class _PooledFeatures:
     keys: torch.Tensor  #: (N,) selection keys
     latents: torch.Tensor  #: (N, C) pooled latents
     labels: torch.Tensor  #: (N,) class labels
-    encoder_keys: torch.Tensor  #: (M,) keys of the images whose encoder features were kept
-    encoder: torch.Tensor  #: (M, hidden) pooled pre-adapter encoder features
+    encoder_keys: torch.Tensor  #: (M,) keys of the images whose reference-encoder features were kept
+    encoder: torch.Tensor  #: (M, hidden) pooled features of the CKNNA reference encoder
     skipped: list[str]  #: unreadable images, all ranks
 
 
@@ -400,6 +401,7 @@ def _pooled_features(
     model: nn.Module,
     selection: ImageSelection,
     *,
+    reference: nn.Module | None,
     encoder_keys: set[int],
     dist: DistInfo,
     device: torch.device,
@@ -408,9 +410,9 @@ def _pooled_features(
     progress: bool,
     desc: str,
 ) -> _PooledFeatures | None:
-    """Pool the latents (and, for ``encoder_keys``, the encoder features) on every rank; gather on rank 0."""
+    """Pool the latents (and, for ``encoder_keys``, the reference encoder's features on the latent's grid)
+    on every rank; gather on rank 0."""
     keys, latents, labels, enc_keys, enc_features, skipped = [], [], [], [], [], []
-    has_encoder = callable(getattr(model, "features", None))
     bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc, unit="img")
     with bar, torch.inference_mode():
         for batch in _batches(selection, batch_size, num_workers):
@@ -420,16 +422,16 @@ def _pooled_features(
             if not good.any():
                 continue
             x = batch["image"][good].to(device, non_blocking=True)
-            # AlignTok tokenizers expose the encoder's features before the adapter; baselines have none.
-            pre, latent = model.features(x) if has_encoder else (None, model.encode(x))
+            latent = model.encode(x)
             batch_keys = batch[_KEY][good]
             keys.append(batch_keys)
             latents.append(average_pool(latent).float().cpu())
             labels.append(batch["label"][good])
-            if pre is not None:
-                wanted = torch.tensor([int(k) in encoder_keys for k in batch_keys], dtype=torch.bool)
+            wanted = torch.tensor([int(k) in encoder_keys for k in batch_keys], dtype=torch.bool)
+            if reference is not None and wanted.any():
+                features = reference(x[wanted.to(x.device)], tuple(latent.shape[-2:]))
                 enc_keys.append(batch_keys[wanted])
-                enc_features.append(average_pool(pre[wanted.to(pre.device)]).float().cpu())
+                enc_features.append(average_pool(features).float().cpu())
     local = (keys, latents, labels, enc_keys, enc_features, skipped)
     parts = gather_objects(local)
     if parts is None:
@@ -451,6 +453,28 @@ def _pooled_features(
         encoder=joined(4, torch.zeros(0, 0))[enc_order],
         skipped=[message for part in parts for message in part[5]],
     )
+
+
+def _cknna_reference(
+    spec: str | None, stride: int, device: torch.device
+) -> tuple[nn.Module | None, str | None, str | None]:
+    """(encoder, its name, why there is none): the fixed reference encoder CKNNA measures tokenizers against."""
+    from aligntok.eval.features import DINOV2_DEFAULT, WeightsNotFoundError, resolve_hf_weights
+    from aligntok.models.encoders import load_encoder
+
+    if spec is None or spec == "none":
+        return None, None, "no reference encoder was requested (--cknna-encoder none)"
+    name = str(spec)
+    if name == "auto":
+        try:
+            name = str(resolve_hf_weights(DINOV2_DEFAULT, allow_download=False))
+        except WeightsNotFoundError:
+            return None, None, (
+                f"the default reference encoder {DINOV2_DEFAULT} is not in the local Hugging Face cache; "
+                "pass --cknna-encoder (a hub id, directory or standin:NAME)"
+            )
+    encoder = load_encoder(name, stride=stride).to(device).eval().requires_grad_(False)
+    return encoder, (DINOV2_DEFAULT if spec == "auto" else name), None
 
 
 _NEEDS_LABELS = "a linear probe needs labelled data (class subfolders, or 'cls' entries in shards)"
@@ -484,15 +508,20 @@ def evaluate_tokenizer_probe(
     weight_decay: float = 1e-4,
     cknna_k: int = 10,
     cknna_samples: int = 10_000,
+    cknna_encoder: str | None = "auto",
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Linear-probe accuracy on average-pooled latents, and CKNNA(latents, pre-adapter encoder features).
+    """Linear-probe accuracy on average-pooled latents, and CKNNA(latents, reference encoder features).
 
     The probe trains on ``data`` and tests on ``test_data`` (for ``builtin:`` data drawn with another
     seed, so it is held out) or, without it, on a seeded ``test_fraction`` split of ``data``. CKNNA
-    uses a seeded random subset of at most ``cknna_samples`` images of ``data``. Call on every rank
-    under torchrun; the probe runs on rank 0 and every rank returns its result.
+    uses a seeded random subset of at most ``cknna_samples`` images of ``data`` and compares the pooled
+    latents with the pooled patch features (on the latent's grid) of ``cknna_encoder``, a pretrained
+    encoder that is the same for every tokenizer, never the tokenizer's own fine-tuned one:
+    "auto" (DINOv2-L/14 if it is in the local Hugging Face cache, else CKNNA is skipped with a note), a
+    Hub id, a local directory or ``standin:NAME``, or None (skipped). Call on every rank under torchrun;
+    the probe runs on rank 0 and every rank returns its result.
     """
     dist = init_distributed()
     device = _device(dist, device)
@@ -510,15 +539,18 @@ def evaluate_tokenizer_probe(
                                        num_workers=num_workers)
     model = _load_tokenizer(tokenizer, device)
     _check_resolution(resolution, model)
+    reference, reference_name, reference_missing = _cknna_reference(cknna_encoder, model.stride, device)
 
     subset_order = torch.randperm(selection.num_selected, generator=torch.Generator().manual_seed(seed))
     cknna_keys = {selection.keys[i] for i in subset_order[:cknna_samples].tolist()}
     options = {"dist": dist, "device": device, "batch_size": batch_size, "num_workers": num_workers,
                "progress": progress}
-    train = _pooled_features(model, selection, encoder_keys=cknna_keys, desc="probe (train)", **options)
+    train = _pooled_features(model, selection, reference=reference, encoder_keys=cknna_keys, desc="probe (train)",
+                             **options)
     test = None
     if test_selection is not None:
-        test = _pooled_features(model, test_selection, encoder_keys=set(), desc="probe (test)", **options)
+        test = _pooled_features(model, test_selection, reference=None, encoder_keys=set(), desc="probe (test)",
+                                **options)
 
     # The probe runs on rank 0; its result or its error reaches every rank, so none waits forever.
     outcome: dict[str, Any] = {}
@@ -527,7 +559,7 @@ def evaluate_tokenizer_probe(
             outcome["result"] = _probe_on_main(
                 model, tokenizer, data, test_data, selection, test_selection, train, test,
                 resolution=resolution, seed=seed, test_fraction=test_fraction, weight_decay=weight_decay,
-                cknna_k=cknna_k, device=device,
+                cknna_k=cknna_k, cknna_encoder=reference_name, cknna_missing=reference_missing, device=device,
             )
         except ValueError as e:
             outcome["error"] = str(e)
@@ -552,6 +584,8 @@ def _probe_on_main(
     test_fraction: float,
     weight_decay: float,
     cknna_k: int,
+    cknna_encoder: str | None,
+    cknna_missing: str | None,
     device: torch.device,
 ) -> dict[str, Any]:
     _check_labels(train, data)
@@ -580,8 +614,8 @@ def _probe_on_main(
     # CKNNA on its own subset (evaluate_probe would need every image's encoder features in memory).
     encoder_rows = torch.searchsorted(train.keys, train.encoder_keys)
     cknna_value, cknna_note = None, None
-    if not callable(getattr(model, "features", None)):
-        cknna_note = "not computed: the tokenizer has no foundation encoder"
+    if cknna_missing is not None:
+        cknna_note = f"not computed: {cknna_missing}"
     elif len(train.encoder_keys) < max(4, cknna_k + 2):
         cknna_note = f"not computed: needs at least k+2={cknna_k + 2} images"
     else:
@@ -596,7 +630,9 @@ def _probe_on_main(
     )
     result["provenance"]["settings"].update(
         latents="tokenizer latents (after the adapter), spatial mean",
-        cknna_between="pooled latents vs the tokenizer's own foundation-encoder features before the adapter",
+        cknna_between="pooled latents vs the pooled patch features, on the latent's grid, of one fixed "
+        "pretrained reference encoder (the same for every tokenizer)",
+        cknna_encoder=cknna_encoder,
         cknna_k=cknna_k,
         cknna_samples=len(train.encoder_keys),
         cknna_kernel="inner product of L2-normalised pooled features",

@@ -9,9 +9,10 @@ Protocols (the ADM evaluation suite, Dhariwal & Nichol 2021, which the paper's n
   stable on the near-singular covariances where ``scipy.linalg.sqrtm(S1 @ S2)`` (ADM) returns
   complex or non-finite values; if the decomposition itself fails, an ``eps`` is added to both
   diagonals, as ADM's fallback does.
-* IS: exp(E KL(p(y|x) || p(y))) on the softmax of the 1008 bias-free logits, averaged over 10
-  contiguous splits, not shuffled (ADM: split size 5,000 of 50,000 samples). torch-fidelity's
-  implementation is used.
+* IS: exp(E KL(p(y|x) || p(y))) on the softmax of the 1008 bias-free logits, per contiguous,
+  unshuffled chunk of 5,000 samples (the last one holding the rest), averaged over the chunks: ADM's
+  ``compute_inception_score(split_size=5000)``. Fifty thousand samples give its ten splits; other counts
+  give as many chunks as fit, not always ten.
 * Precision / recall: Kynkäänniemi et al. (2019) k-NN manifolds with k = 3 on pool_3 features,
   precision = fraction of samples inside the reference manifold, recall = fraction of references
   inside the sample manifold. torch-fidelity's batched implementation is used.
@@ -19,6 +20,7 @@ Protocols (the ADM evaluation suite, Dhariwal & Nichol 2021, which the paper's n
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -28,6 +30,7 @@ import scipy.linalg
 import torch
 
 __all__ = [
+    "ADM_IS_SPLIT_SIZE",
     "FeatureStats",
     "SingularCovarianceWarning",
     "frechet_distance",
@@ -199,18 +202,31 @@ def frechet_distance(
     return max(distance, 0.0)
 
 
-def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) of the Inception Score over ``splits`` contiguous, unshuffled splits (ADM protocol).
+ADM_IS_SPLIT_SIZE = 5000  #: samples per Inception Score chunk in ADM's evaluator
 
-    ``logits`` are the network's 1008 bias-free logits (N, C); computed in float64.
+
+def inception_score(logits: torch.Tensor | np.ndarray, split_size: int = ADM_IS_SPLIT_SIZE) -> tuple[float, float]:
+    """(mean, std) of the Inception Score over contiguous, unshuffled chunks of ``split_size`` samples.
+
+    As ADM's evaluator (guided-diffusion ``evaluations/evaluator.py``, ``compute_inception_score``): chunk
+    ``i`` holds samples ``[i * split_size, (i + 1) * split_size)``, the last one what is left, and each
+    chunk's score is ``exp(mean_x KL(p(y|x) || mean_chunk p(y|x)))``. ADM reports the mean; the std over
+    the chunks is returned too. ``logits`` are the network's 1008 bias-free logits (N, C); float64.
     """
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
     logits = _as_float64_matrix(logits, "logits").cpu()
-    if splits < 1 or logits.shape[0] < splits:
-        raise ValueError(f"inception score needs at least splits={splits} >= 1 samples, got {logits.shape[0]}")
-    result = isc_features_to_metric(logits, splits=splits, shuffle=False)
-    return float(result[KEY_METRIC_ISC_MEAN]), float(result[KEY_METRIC_ISC_STD])
+    if split_size < 1 or logits.shape[0] < 1:
+        raise ValueError(
+            f"inception score needs split_size >= 1 and at least one sample, got split_size={split_size} and "
+            f"{logits.shape[0]} samples"
+        )
+    scores = []
+    for chunk in torch.split(logits, split_size):
+        log_p = torch.log_softmax(chunk, dim=1)
+        log_marginal = torch.logsumexp(log_p, dim=0) - math.log(chunk.shape[0])  # log of the chunk's mean p(y|x)
+        kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean()
+        scores.append(torch.exp(kl))
+    scores_t = torch.stack(scores)
+    return float(scores_t.mean()), float(scores_t.std(unbiased=False))
 
 
 def precision_recall(

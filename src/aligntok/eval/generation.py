@@ -27,7 +27,7 @@ from aligntok.eval.features import (
     load_dinov2,
     load_inception,
 )
-from aligntok.eval.fid import FeatureStats, frechet_distance, inception_score, precision_recall
+from aligntok.eval.fid import ADM_IS_SPLIT_SIZE, FeatureStats, frechet_distance, inception_score, precision_recall
 from aligntok.eval.images import ImageSource, npz_keys, open_images, read_npz_statistics
 from aligntok.eval.provenance import build_provenance
 
@@ -97,7 +97,7 @@ def _inception_metrics(
     ref_stats: tuple[np.ndarray, np.ndarray] | None,
     *,
     batch_size: int,
-    is_splits: int,
+    is_split_size: int,
     pr_k: int,
     device: torch.device,
     progress: bool,
@@ -137,7 +137,7 @@ def _inception_metrics(
     }
     if "logits" in sample_features:
         metrics["inception_score"], metrics["inception_score_std"] = inception_score(
-            sample_features["logits"], is_splits
+            sample_features["logits"], is_split_size
         )
     else:
         notes.append(f"inception_score not computed: {inception.name} has no classifier logits")
@@ -158,7 +158,7 @@ def evaluate_generation(
     inception_weights: str | os.PathLike | None = None,
     dinov2: FeatureNetwork | str | os.PathLike | None = "auto",
     batch_size: int = 100,
-    is_splits: int = 10,
+    is_split_size: int = ADM_IS_SPLIT_SIZE,
     pr_k: int = 3,
     use_reference_stats: bool = True,
     allow_download: bool = True,
@@ -186,7 +186,7 @@ def evaluate_generation(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result, ref_stats_origin = _inception_metrics(
-            inception, sample_source, ref_source, ref_stats, is_splits=is_splits, pr_k=pr_k, notes=notes, **run_options
+            inception, sample_source, ref_source, ref_stats, is_split_size=is_split_size, pr_k=pr_k, notes=notes, **run_options
         )
         if dinov2_net is not None and ref_source is not None:
             dinov2_net = dinov2_net.to(device)
@@ -221,7 +221,7 @@ def evaluate_generation(
             "protocol": "ADM evaluation suite (guided-diffusion evaluations/evaluator.py)",
             "samples": sample_source.describe(),
             "fid_features": "Inception pool_3 (2048-d)",
-            "is_splits": is_splits,
+            "is_split_size": is_split_size,
             "is_shuffle": False,
             "precision_recall_k": pr_k,
             "use_reference_stats": use_reference_stats,

@@ -4,6 +4,13 @@ The generator side follows latent diffusion: ``nll = l1_weight * L1 + lpips_weig
 ``step >= gan_start``, ``+ w_adaptive * gan_weight * (-D(recon)).mean()`` where ``w_adaptive`` balances the
 two terms' gradient norms at the decoder's last layer. The discriminator side is the hinge loss. All loss
 maths runs in fp32 with autocast disabled, whatever precision the models ran in.
+
+Units. LDM's ``LPIPSWithDiscriminator`` (and VA-VAE's copy of it) sums its nll over each image's C*H*W
+values and averages over the batch only; ours averages over all values, so it is the reference's nll
+divided by ``N = C*H*W``. The adaptive weight is therefore computed in the reference's units (``N`` times
+our nll's gradient) and clamped there at ``adaptive_max`` (LDM: 1e4), then divided by ``N``: our total is
+exactly the reference's generator loss divided by ``N``, and the clamp binds where the reference's does
+(at 256 px, ``N = 196,608`` and the clamp caps our weight at about 0.05).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ class ReconLossConfig:
     lpips_net: str = "vgg"  #: LPIPS backbone: vgg | alex | squeeze
     lpips_pretrained_backbone: bool = True  #: False = random backbone features (offline tests only; not a real LPIPS)
     gan_weight: float = 0.5  #: base weight of the generator's GAN term (VA-VAE / LDM: 0.5)
-    gan_start: int = 5000  #: step at which the GAN terms switch on (inferred from VA-VAE)
+    #: step at which the GAN terms switch on (VA-VAE's disc_start 5001 counts two Lightning steps per batch)
+    gan_start: int = 2500
     adaptive_weight: bool = True  #: scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer
-    adaptive_max: float = 1e4  #: upper clamp of the adaptive weight
+    adaptive_max: float = 1e4  #: upper clamp of the adaptive weight in LDM's units (nll summed over C*H*W; LDM: 1e4)
     discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)  #: PatchGAN settings
 
     def validate(self) -> None:
@@ -85,18 +93,30 @@ def build_lpips(net: str = "vgg", *, pretrained_backbone: bool = True) -> nn.Mod
 
 
 def adaptive_gan_weight(
-    nll: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+    nll: torch.Tensor,
+    gan_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+    *,
+    nll_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``||d nll / d last|| / (||d gan / d last|| + 1e-4)``, clamped to [0, max_weight] and detached.
+    """The weight ``w`` of ``gan_loss`` that balances it against ``nll`` at ``last_layer``, detached.
+
+    In the reference's units (LDM's ``calculate_adaptive_weight``, where the nll is ``nll_scale`` times
+    ours): ``d = clamp(||grad(nll_scale * nll)|| / (||grad gan_loss|| + 1e-4), 0, max_weight)``, and
+    ``w = d / nll_scale``, so that ``nll + w * gan_loss`` is the reference's ``nll_scale * nll + d * gan_loss``
+    divided by ``nll_scale``. ``nll_scale=1`` is the formula on the losses as given.
 
     Returns 0 when no gradient can be taken (grad mode off or a frozen last layer, e.g. in evaluation).
     """
+    if nll_scale <= 0:
+        raise ValueError(f"nll_scale must be > 0, got {nll_scale}")
     if not (torch.is_grad_enabled() and last_layer.requires_grad and nll.requires_grad and gan_loss.requires_grad):
         return torch.zeros((), device=nll.device)
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.float().norm() / (gan_grad.float().norm() + ADAPTIVE_EPS)
-    return weight.clamp(0.0, max_weight).detach()
+    reference = nll_scale * nll_grad.float().norm() / (gan_grad.float().norm() + ADAPTIVE_EPS)
+    return (reference.clamp(0.0, max_weight) / nll_scale).detach()
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -131,10 +151,8 @@ class ReconstructionLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.config.gan_weight > 0 and step >= self.config.gan_start
 
-    def generator_loss(
-        self, x: torch.Tensor, recon: torch.Tensor, step: int, last_layer: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss for the tokenizer. Leaves no gradient on the discriminator's parameters."""
+    def nll_loss(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``l1_weight * L1 + lpips_weight * LPIPS``, both means over all values (fp32, with its graph)."""
         if x.shape != recon.shape:
             raise ValueError(f"images {tuple(x.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
         cfg = self.config
@@ -143,18 +161,42 @@ class ReconstructionLoss(nn.Module):
             l1 = (recon - x).abs().mean()
             perceptual = self.lpips(recon, x).mean() if cfg.lpips_weight > 0 else l1.new_zeros(())
             nll = cfg.l1_weight * l1 + cfg.lpips_weight * perceptual
-            gan_g, weight = l1.new_zeros(()), l1.new_zeros(())
+        return nll, {"l1": l1.detach(), "lpips": perceptual.detach(), "nll": nll.detach()}
+
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        step: int,
+        last_layer: torch.Tensor,
+        *,
+        nll: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for the tokenizer. Leaves no gradient on the discriminator's parameters.
+
+        ``nll``: this batch's :meth:`nll_loss` when the caller already has it (it is then not recomputed).
+        Logs: ``adaptive_w`` (the balancing weight in our units), ``gan_w`` (the effective weight of
+        ``gan_g`` in the total: ``adaptive_w * gan_weight``) and ``d_weight`` (the same in LDM's units, as
+        its logs show it: ``gan_w * C*H*W``).
+        """
+        cfg = self.config
+        nll_value, logs = nll if nll is not None else self.nll_loss(x, recon)
+        per_image = x[0].numel()  # LDM's nll sums over these C*H*W values
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            gan_g, weight = nll_value.new_zeros(()), nll_value.new_zeros(())
             if self.gan_active(step):
                 # The discriminator's parameters enter as constants: only the tokenizer learns from this term.
                 frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-                gan_g = -functional_call(self.discriminator, frozen, (recon,)).mean()
+                gan_g = -functional_call(self.discriminator, frozen, (recon.float(),)).mean()
                 weight = (
-                    adaptive_gan_weight(nll, gan_g, last_layer, cfg.adaptive_max)
+                    adaptive_gan_weight(nll_value, gan_g, last_layer, cfg.adaptive_max, nll_scale=per_image)
                     if cfg.adaptive_weight
-                    else l1.new_ones(())
+                    else nll_value.new_ones(())
                 )
-            total = nll + weight * cfg.gan_weight * gan_g
-        logs = {"l1": l1, "lpips": perceptual, "nll": nll, "gan_g": gan_g, "adaptive_w": weight, "rec_total": total}
+            gan_w = weight * cfg.gan_weight
+            total = nll_value + gan_w * gan_g
+        logs = {**logs, "gan_g": gan_g, "adaptive_w": weight, "gan_w": gan_w, "d_weight": gan_w * per_image,
+                "rec_total": total}
         return total, {k: v.detach() for k, v in logs.items()}
 
     def discriminator_loss(

@@ -7,10 +7,17 @@ then is compared, token by token, with the frozen foundation encoder's features 
 - marginal distance matrix: per image, ``mean_ab relu(|cos(z'_a, z'_b) - cos(f_a, f_b)| - m2)`` over token
   pairs ``a, b``, i.e. the tokens' cosine-similarity matrices must agree up to ``m2``.
 
-Both use the projected latent, as VA-VAE's public code does. The margins leave the latent free where it is
+Both use the projected latent, as VA-VAE's public code does. The foundation features are, by default
+(``preprocess: vavae``), those of VA-VAE's code: its DINOv2 gets the image as the VAE does, in [-1, 1]
+without ImageNet normalisation, resized bilinearly without antialiasing (256 -> 224 px);
+``preprocess: encoder`` feeds it as AlignTok's encoder is fed instead (the encoder's pixel mean/std and an
+antialiased resize). The margins leave the latent free where it is
 already close enough (there the loss and its gradient are exactly zero), which VA-VAE found to help
-reconstruction. The sum of the two terms is weighted adaptively: ``w_hyper * ||grad L_rec|| / ||grad L_vf||``
-with both gradients taken at the encoder's last layer.
+reconstruction. The sum of the two terms is weighted adaptively: ``w_hyper * ||grad nll|| / ||grad L_vf||``
+with both gradients taken at the encoder's last layer, ``nll`` being the L1 + LPIPS term alone (as in
+VA-VAE). As for the GAN weight (:mod:`aligntok.losses.reconstruction`), the ratio is taken in VA-VAE's
+units, where the nll is summed over each image's C*H*W values, clamped there at ``adaptive_max`` (1e8),
+and divided by C*H*W to weight our mean-reduced losses.
 
 The foundation encoder is deliberately held outside the module tree (this class is not an ``nn.Module``),
 so it never appears in a checkpoint or a saved tokenizer; the trainable :attr:`VFLoss.projection` is a
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntok.config import ConfigError
+from aligntok.config import ConfigError, check_choice
 from aligntok.losses.reconstruction import adaptive_gan_weight
 
 
@@ -39,9 +46,13 @@ class VFLossConfig:
     cos_weight: float = 1.0  #: weight of the marginal cosine term (from VA-VAE)
     distmat_weight: float = 1.0  #: weight of the marginal distance-matrix term (from VA-VAE)
     adaptive: bool = True  #: (from VA-VAE) w = w_hyper * ||grad L_rec|| / ||grad L_vf|| at the encoder's last layer
-    adaptive_max: float = 1e8  #: upper clamp of the adaptive weight (from VA-VAE)
+    adaptive_max: float = 1e8  #: upper clamp of the adaptive weight, in VA-VAE's units (nll summed over C*H*W; from VA-VAE)
+    #: vavae: the foundation encoder sees the [-1, 1] image, bilinearly resized without antialiasing, not
+    #: normalised (VA-VAE's code) | encoder: its own pixel mean/std and an antialiased resize (as AlignTok's)
+    preprocess: str = "vavae"
 
     def validate(self) -> None:
+        check_choice("preprocess", self.preprocess, ("vavae", "encoder"))
         if min(self.weight, self.cos_weight, self.distmat_weight) < 0:
             raise ConfigError("weight, cos_weight and distmat_weight must be >= 0")
         if not 0 <= self.cos_margin <= 2 or not 0 <= self.distmat_margin <= 2:
@@ -82,7 +93,8 @@ class VFLoss:
     """The VF loss of a VAE latent against a frozen foundation encoder, with its learned projection.
 
     ``foundation_encoder`` maps images in [-1, 1] to feature grids (B, D, h, w) on the latent's grid (a
-    :class:`~aligntok.models.encoders.FoundationEncoder` built for the tokenizer's stride). It is frozen and
+    :class:`~aligntok.models.encoders.FoundationEncoder` built for the tokenizer's stride; with
+    ``preprocess: vavae`` its ``patch_size`` and ``encode_pixels`` are used). It is frozen and
     put in eval mode here; pass one built for this loss, not a module that trains elsewhere.
     """
 
@@ -108,19 +120,22 @@ class VFLoss:
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The frozen foundation features of images ``x`` on a ``grid`` of tokens (B, D, h, w)."""
-        return self.frozen_encoder(x, grid)
+        """The frozen foundation features of images ``x`` (in [-1, 1]) on a ``grid`` of tokens (B, D, h, w)."""
+        if self.config.preprocess == "encoder":
+            return self.frozen_encoder(x, grid)
+        size = (grid[0] * self.frozen_encoder.patch_size, grid[1] * self.frozen_encoder.patch_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # VA-VAE: no antialiasing
+        return self.frozen_encoder.encode_pixels(x, grid)
 
     def __call__(
-        self, x: torch.Tensor, z: torch.Tensor, rec_loss: torch.Tensor, encoder_last_layer: torch.Tensor
+        self, x: torch.Tensor, z: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``w * (cos_weight * L_mcos + distmat_weight * L_mdms)`` for images ``x`` and their latent ``z``.
 
-        ``rec_loss`` (with its graph) and ``encoder_last_layer`` give the adaptive weight ``w``; outside
-        training (no gradient) the adaptive weight is 0, as for the GAN term. VA-VAE balances against its
-        L1 + LPIPS term alone; the tokenizer task passes :class:`ReconstructionLoss`'s total, which is
-        exactly that before the GAN starts and afterwards also holds the adaptively weighted GAN term
-        (the loss returns its parts detached), so after ``gan_start`` ``w`` can differ from VA-VAE's.
+        ``nll`` (the L1 + LPIPS term, mean-reduced, with its graph: :meth:`ReconstructionLoss.nll_loss`)
+        and ``encoder_last_layer`` give the adaptive weight ``w`` (in VA-VAE's units, see the module
+        docstring); outside training (no gradient) the adaptive weight is 0, as for the GAN term.
         """
         cfg = self.config
         features = self.reference(x, (z.shape[-2], z.shape[-1]))
@@ -130,7 +145,9 @@ class VFLoss:
             mdms = marginal_distance_matrix_loss(projected, features.float(), cfg.distmat_margin)
             vf = cfg.cos_weight * mcos + cfg.distmat_weight * mdms
             if cfg.adaptive:
-                weight = cfg.weight * adaptive_gan_weight(rec_loss, vf, encoder_last_layer, cfg.adaptive_max)
+                weight = cfg.weight * adaptive_gan_weight(
+                    nll, vf, encoder_last_layer, cfg.adaptive_max, nll_scale=x[0].numel()
+                )
             else:
                 weight = vf.new_tensor(cfg.weight)
             total = weight * vf

@@ -154,16 +154,34 @@ class FoundationEncoder(nn.Module):
         return height // self.stride, width // self.stride
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Patch tokens (B, hidden_size, h, w) of images ``x`` (B, 3, H, W) in [-1, 1]."""
-        h, w = grid if grid is not None else self.default_grid(x.shape[-2], x.shape[-1])
-        if h <= 0 or w <= 0:
-            raise ValueError(f"latent grid {h}x{w} is empty for a {x.shape[-2]}x{x.shape[-1]} image")
+        """Patch tokens (B, hidden_size, h, w) of images ``x`` (B, 3, H, W) in [-1, 1].
+
+        The image is resized (bilinear, antialiased) to the grid times the patch size and normalised
+        with the encoder's pixel mean/std, as its pretraining saw images.
+        """
+        h, w = self._grid(x, grid)
         size = (h * self.patch_size, w * self.patch_size)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         x = ((x + 1) / 2 - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
-        tokens = self._tokens(x, h, w)[:, self._num_prefix_tokens :]
-        return tokens.reshape(x.shape[0], h, w, self.hidden_size).permute(0, 3, 1, 2)
+        return self.encode_pixels(x, (h, w))
+
+    def encode_pixels(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, hidden_size, h, w) of model inputs already prepared and sized ``grid * patch_size``."""
+        h, w = self._grid(pixel_values, grid)
+        if tuple(pixel_values.shape[-2:]) != (h * self.patch_size, w * self.patch_size):
+            raise ValueError(
+                f"pixel values of size {tuple(pixel_values.shape[-2:])} do not make a {h}x{w} grid of "
+                f"{self.patch_size} px patches"
+            )
+        tokens = self._tokens(pixel_values, h, w)[:, self._num_prefix_tokens :]
+        return tokens.reshape(pixel_values.shape[0], h, w, self.hidden_size).permute(0, 3, 1, 2)
+
+    def _grid(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[int, int]:
+        h, w = grid if grid is not None else self.default_grid(x.shape[-2], x.shape[-1])
+        if h <= 0 or w <= 0:
+            raise ValueError(f"latent grid {h}x{w} is empty for a {x.shape[-2]}x{x.shape[-1]} image")
+        return h, w
 
     def _tokens(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         batch = x.shape[0]

@@ -70,6 +70,18 @@ class StageConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  #: the tokenizer's optimizer
     disc_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  #: the discriminator's optimizer
     init_from_ema: bool = True  #: start from the previous stage's EMA weights when it kept an EMA
+    #: Start from the previous stage's discriminator (weights and Adam moments, from its last checkpoint)
+    #: instead of a fresh one, as VA-VAE carries its discriminator through its fine-tuning stages. A first
+    #: stage always starts a fresh one.
+    carry_discriminator: bool = True
+    #: Step of this stage at which the GAN terms switch on. null: loss.gan_start counted from the start of
+    #: the discriminator's life, i.e. minus the steps of the earlier stages it was carried through (so after
+    #: a stage 1 longer than loss.gan_start the GAN is on from step 0, as VA-VAE's fine-tuning has disc_start 1).
+    gan_start: int | None = None
+
+    def validate(self) -> None:
+        if self.gan_start is not None and self.gan_start < 0:
+            raise ConfigError(f"gan_start={self.gan_start} must be >= 0 (or null)")
 
 
 @dataclasses.dataclass
@@ -86,7 +98,11 @@ class TokenizerTrainConfig:
     kl: KLConfig = dataclasses.field(default_factory=KLConfig)  #: the baselines' KL term (method vae, vavae)
     vf: VFLossConfig = dataclasses.field(default_factory=VFLossConfig)  #: the VF loss (method vavae)
     stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
-    stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(train=TrainConfig(ema_decay=0.9999)))
+    #: Stage 2 keeps an EMA with LDM's LitEma warm-up, so a stage shorter than the EMA's lag
+    #: (1 / (1 - decay) steps) still exports weights close to those it trained.
+    stage2: StageConfig = dataclasses.field(
+        default_factory=lambda: StageConfig(train=TrainConfig(ema_decay=0.9999, ema_warmup=True))
+    )
     stage3: StageConfig = dataclasses.field(default_factory=StageConfig)
 
     def stage(self, number: int) -> StageConfig:
@@ -194,7 +210,8 @@ class TokenizerStageTask:
         tok = self.tokenizer
         encoded = self._encode(x)
         recon = tok.decode(encoded.latent)
-        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer)
+        nll = self.recon_loss.nll_loss(x, recon)  # kept with its graph: the VF weight balances against it
+        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer, nll=nll)
         total = rec
         if self.semantic is not None:
             sp, sp_logs = self.semantic(x, encoded.pre, encoded.latent)  # already weighted by w_sp
@@ -208,7 +225,7 @@ class TokenizerStageTask:
             total = total + kl_term
             logs = {**logs, "kl": kl.detach(), "kl_total": kl_term.detach()}
         if self.vf is not None and isinstance(tok, VAETokenizer):
-            vf, vf_logs = self.vf(x, encoded.latent, rec, tok.encoder.last_layer)
+            vf, vf_logs = self.vf(x, encoded.latent, nll[0], tok.encoder.last_layer)
             total = total + vf
             logs = {**logs, **vf_logs}
         out = {"generator": (total, logs)}
@@ -259,6 +276,52 @@ def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage
 
         load_module_weights(stage_train_dir(run_dir, previous.number), "tokenizer", tokenizer)
     return tokenizer
+
+
+def carried_discriminator_checkpoint(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> Path | None:
+    """The previous stage's last complete checkpoint, whose discriminator this stage continues; None for a
+    first stage, with ``carry_discriminator: false``, or when that stage left no checkpoint (logged)."""
+    from aligntok.training.checkpoint import latest_checkpoint
+
+    if stage.starts_from is None or not cfg.stage(stage.number).carry_discriminator:
+        return None
+    found = latest_checkpoint(stage_train_dir(run_dir, stage.starts_from))
+    if found is None:
+        log.warning(
+            "stage %d: stage %d left no checkpoint under %s, so its discriminator cannot be carried over; "
+            "starting a fresh one (set stage%d.carry_discriminator=false to say so)",
+            stage.number, stage.starts_from, stage_train_dir(run_dir, stage.starts_from), stage.number,
+        )
+    return found
+
+
+def stage_gan_start(cfg: TokenizerTrainConfig, stage: Stage, carried: bool) -> int:
+    """The step of ``stage`` at which its GAN terms switch on (see ``StageConfig.gan_start``)."""
+    own = cfg.stage(stage.number).gan_start
+    if own is not None:
+        return own
+    trained_before, current = 0, stage
+    while carried and current.starts_from is not None:
+        previous = cfg.stages[current.starts_from]
+        trained_before += cfg.stage(previous.number).train.steps
+        if previous.starts_from is None or not cfg.stage(previous.number).carry_discriminator:
+            break
+        current = previous
+    return max(0, cfg.loss.gan_start - trained_before)
+
+
+def build_recon_loss(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> tuple[ReconstructionLoss, Path | None]:
+    """The stage's L_rec with its discriminator: carried over from the previous stage's last checkpoint
+    (returned, so its optimizer state can follow) or fresh, and the stage's own ``gan_start``."""
+    from aligntok.training.checkpoint import load_tensors, require_file
+
+    carried = carried_discriminator_checkpoint(cfg, run_dir, stage)
+    loss_cfg = dataclasses.replace(cfg.loss, gan_start=stage_gan_start(cfg, stage, carried is not None))
+    loss = ReconstructionLoss(loss_cfg)
+    if carried is not None:
+        file = require_file(carried / "model_discriminator.safetensors", "weights of module 'discriminator'")
+        loss.discriminator.load_state_dict(load_tensors(file))
+    return loss, carried
 
 
 def build_semantic_loss(cfg: TokenizerTrainConfig, run_dir: Path) -> SemanticPreservationLoss:
@@ -324,9 +387,9 @@ def train_tokenizer(
         tokenizer = build_stage_tokenizer(cfg, run_dir, stage).to(dist.device)
         semantic = build_semantic_loss(cfg, run_dir).to(dist.device) if stage.semantic_loss else None
         vf = build_vf_loss(cfg, stage).to(dist.device) if stage.vf_loss else None
+        recon_loss, carried = build_recon_loss(cfg, run_dir, stage)
         task = TokenizerStageTask(
-            tokenizer, stage, ReconstructionLoss(cfg.loss).to(dist.device), semantic,
-            kl=cfg.kl if stage.kl_loss else None, vf=vf,
+            tokenizer, stage, recon_loss.to(dist.device), semantic, kl=cfg.kl if stage.kl_loss else None, vf=vf
         )
         per_rank = stage_cfg.train.batch_size // dist.world_size
 
@@ -345,6 +408,10 @@ def train_tokenizer(
             run_config=cfg,
             dist=dist,
         )
+        if carried is not None:
+            trainer.warm_start_optimizer("discriminator", carried)
+            log.info("stage %d: discriminator carried over from %s (GAN from step %d)", number, carried,
+                     recon_loss.config.gan_start)
         trainer.fit()
         card = {"method": cfg.method, "stage": f"{number} ({stage.name})"}
         if stage.vf_loss:

@@ -260,7 +260,9 @@ class Trainer:
             module.to(self.device)
             distributed.broadcast_module_state(module)  # replicas (and FSDP shards) start from rank 0
         # EMA copies are taken before sharding and then sharded the same way as their module.
-        self.emas = {name: ModuleEMA(self.modules[name], train.ema_decay) for name in ema_names}
+        self.emas = {
+            name: ModuleEMA(self.modules[name], train.ema_decay, warmup=train.ema_warmup) for name in ema_names
+        }
         self.fsdp = train.fsdp and self.dist.world_size > 1
         if self.fsdp:
             for name, module in self.modules.items():
@@ -472,6 +474,26 @@ class Trainer:
             ckpt.seed_everything(self.train.seed + self.dist.rank + 1_000_003 * self.step)
         else:
             ckpt.restore_rng_state(rng, self.device)
+
+    def warm_start_optimizer(self, name: str, checkpoint: Path) -> None:
+        """Take optimizer ``name``'s per-parameter state (Adam moments, step counts) from another run's
+        checkpoint directory, keeping this run's hyperparameters and schedule.
+
+        For a module carried over from that run (e.g. the discriminator from the previous tokenizer stage);
+        call before :meth:`fit`. Resuming from this run's own checkpoint replaces it.
+        """
+        optimizer = self.optimizers[name]
+        file = ckpt.require_file(Path(checkpoint) / f"optimizer_{name}.pt", f"state of optimizer '{name}'")
+        saved = ckpt.load_state(file)
+        current = optimizer.state_dict()
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        current_sizes = [len(group["params"]) for group in current["param_groups"]]
+        if saved_sizes != current_sizes:
+            raise ValueError(
+                f"optimizer '{name}' in {checkpoint} holds parameter groups of sizes {saved_sizes}, this run's "
+                f"{current_sizes}: the module changed shape"
+            )
+        _load_optimizer(optimizer, {**current, "state": saved["state"]})
 
     def _restore(self) -> int | None:
         """Resume from the newest complete checkpoint (returning its step), else seed a fresh run."""
