@@ -40,6 +40,7 @@ from aligntok.data.images import (
     make_sample,
     should_flip,
     stable_hash,
+    to_rgb,
     to_tensor,
 )
 
@@ -75,7 +76,7 @@ def expand_shard_spec(spec: str) -> list[str]:
 def _to_pil(image: Any) -> Image.Image:
     """A PIL image, a (3,H,W) tensor (float in [-1,1] or uint8) or an (H,W,3) uint8 array as PIL RGB."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)  # the readers' conversion (alpha over white, 16-bit scaled), not PIL's clip
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")

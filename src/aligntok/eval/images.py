@@ -8,7 +8,10 @@ Conventions (kept identical everywhere so numbers are comparable):
 * Saved samples are PNG (lossless), never JPEG, or an ADM-style ``.npz`` whose ``arr_0`` is a uint8
   NHWC array (``arr_1`` optionally holds labels), as written by ADM / DiT / LightningDiT samplers.
 * Readers accept an ADM ``.npz`` (samples or reference batch) or a folder of images and yield
-  uint8 NHWC numpy batches without loading a whole 50,000-image file into memory.
+  uint8 NHWC numpy batches without loading a whole 50,000-image file into memory. Image files are
+  decoded by the data layer's :func:`aligntok.data.images.load_image`, the decoder training and
+  latent caching use (alpha composited over white, 16-bit scaled to 8-bit), and folders are listed
+  by its :func:`~aligntok.data.images.walk_images` (each real folder once, hidden files ignored).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import torch
 from numpy.lib import format as npy_format
 from PIL import Image
 
+from aligntok.data.images import IMAGE_EXTENSIONS, BadImageError, load_image, walk_images
 from aligntok.eval.provenance import sha256_file
 
-#: File endings read from image folders. Samples we write are always PNG; references (e.g. the
-#: ImageNet validation set) may legitimately be JPEG files as distributed.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: File endings read from image folders (the data layer's). Samples we write are always PNG;
+#: references (e.g. the ImageNet validation set) may legitimately be JPEG files as distributed.
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
 _IO_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while encoding/decoding
 
 
@@ -191,27 +195,18 @@ def read_npz_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 
 
 def _open_folder(folder: Path) -> ImageSource:
-    files = tuple(sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+    files = tuple(sorted(Path(path) for path, _ in walk_images(str(folder))))
     if not files:
         raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    width, height = _image_size(files[0])
+    height, width = _decode_rgb(files[0]).shape[:2]
     return ImageSource(path=folder, kind="folder", num_images=len(files), height=height, width=width, files=files)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
 def _decode_rgb(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
+        # Any size: a folder of tiny samples is checked against its first image's size instead.
+        return np.asarray(load_image(path, min_side=1))
+    except BadImageError as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from None
 
 
