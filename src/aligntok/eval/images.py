@@ -16,7 +16,9 @@ Conventions (kept identical everywhere so numbers are comparable):
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,41 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise ValueError("to_uint8: images contain NaN or inf values")
     return (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class PixelScaleWarning(UserWarning):
+    """Float images that look like [0, 1] pixels where [-1, 1] is expected."""
+
+
+#: How far a reference (ground-truth) float image may stray outside [-1, 1] (float rounding only).
+REFERENCE_RANGE_TOLERANCE = 1e-3
+#: A model output with no negative value and a maximum above this is [0, 255] pixels, not an overshoot.
+OUTPUT_SCALE_LIMIT = 2.0
+_SCALE_HINT = "metrics take uint8, or floats in [-1, 1] (from [0, 1]: x * 2 - 1; from [0, 255]: x / 127.5 - 1)"
+
+
+def check_pixel_scale(images: torch.Tensor, name: str, *, reference: bool) -> None:
+    """Refuse float images on the wrong scale in one line; warn on images that look like [0, 1].
+
+    uint8 passes. A ``reference`` (original) image must lie in [-1, 1] (within
+    :data:`REFERENCE_RANGE_TOLERANCE`); a model output may overshoot (it is clamped by
+    :func:`to_uint8`, as the protocol says), but one with no negative value and a maximum above
+    :data:`OUTPUT_SCALE_LIMIT` is [0, 255] pixels. A float batch with no value below 0 and none above 1
+    is [0, 1] pixels by all odds (natural images in [-1, 1] have dark pixels): a
+    :class:`PixelScaleWarning`, since such a batch is possible, merely unlikely.
+    """
+    if not torch.is_floating_point(images) or images.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(images.detach().float()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return  # to_uint8 names the non-finite values
+    if reference and (low < -1 - REFERENCE_RANGE_TOLERANCE or high > 1 + REFERENCE_RANGE_TOLERANCE):
+        raise ValueError(f"{name} are floats in [{low:.4g}, {high:.4g}], outside [-1, 1]; {_SCALE_HINT}")
+    if not reference and low >= 0 and high > OUTPUT_SCALE_LIMIT:
+        raise ValueError(f"{name} are floats in [{low:.4g}, {high:.4g}], [0, 255] pixels by their look; {_SCALE_HINT}")
+    if low >= 0 and high <= 1:
+        warnings.warn(f"{name} are floats in [{low:.4g}, {high:.4g}], which looks like [0, 1] pixels; {_SCALE_HINT}",
+                      PixelScaleWarning, stacklevel=3)
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
