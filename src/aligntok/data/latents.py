@@ -276,11 +276,10 @@ def cache_latents(
     the per-channel latent mean and std end up in ``cache.json`` and in the tokenizer's own config.
     ``tokenizer_dir`` must be a local tokenizer directory, since it is updated with the statistics.
     """
-    from tqdm import tqdm
-
     from aligntok import __version__
     from aligntok.eval.provenance import sha256_file
     from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, AlignTokTokenizer
+    from aligntok.progress import progress_bar
     from aligntok.training import distributed
 
     if batch_size < 1 or shard_size < 1 or num_workers < 0:
@@ -324,7 +323,7 @@ def cache_latents(
         log.info("latent cache %s: %d of %d shards to encode on %d rank(s)", out, len(missing), len(units), dist.world_size)
     total = sum(_unit_size(dataset, u) for u in mine)
     written: list[int] = []
-    with tqdm(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
+    with progress_bar(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
         for unit in mine:
             tensors, skipped = _encode_unit(
                 tokenizer, dataset, unit, batch_size=batch_size, num_workers=num_workers,

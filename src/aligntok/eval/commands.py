@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from aligntok.data import ShardDataset, build_dataset, collate_samples
 from aligntok.data.loader import epoch_permutation
@@ -46,6 +45,7 @@ from aligntok.eval.provenance import build_provenance, sha256_file
 from aligntok.eval.recon import LPIPS_NETS, PSNR_MAX_DB, LPIPSMetric, ReconMetrics
 from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
 from aligntok.io import write_text_atomically
+from aligntok.progress import progress_bar
 from aligntok.training.distributed import (
     DistInfo,
     broadcast_object,
@@ -321,7 +321,8 @@ def evaluate_reconstruction(
 
     metrics = ReconMetrics(lpips=lpips, inception=inception)
     skipped: list[str] = []
-    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon", unit="img")
+    bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon",
+                       unit="img")
     with bar, torch.inference_mode():
         for batch in _batches(selection, batch_size, num_workers):
             good, bad = _good(batch)
@@ -412,7 +413,8 @@ def _pooled_features(
     """Pool the latents (and, for ``encoder_keys``, the encoder features) on every rank; gather on rank 0."""
     keys, latents, labels, enc_keys, enc_features, skipped = [], [], [], [], [], []
     has_encoder = callable(getattr(model, "features", None))
-    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc, unit="img")
+    bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc,
+                       unit="img")
     with bar, torch.inference_mode():
         for batch in _batches(selection, batch_size, num_workers):
             good, bad = _good(batch)
