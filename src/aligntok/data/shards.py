@@ -43,6 +43,7 @@ from aligntok.data.images import (
     to_rgb,
     to_tensor,
 )
+from aligntok.io import write_text_atomically
 
 #: Metadata file written beside the shards by :func:`write_shards`.
 SHARD_META_FILE = "dataset.json"
@@ -147,7 +148,7 @@ def write_shards(
         "class_names": list(class_names or []),
         "shard_sizes": {os.path.basename(path): count for path, count in counts.items()},
     }
-    (Path(paths[0]).parent / SHARD_META_FILE).write_text(json.dumps(meta, indent=1))
+    write_text_atomically(Path(paths[0]).parent / SHARD_META_FILE, json.dumps(meta, indent=1))
     return paths
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from aligntok.data.images import IMAGE_EXTENSIONS, BadImageError, load_image, walk_images
 from aligntok.eval.provenance import sha256_file
+from aligntok.io import replace_atomically
 
 #: File endings read from image folders (the data layer's). Samples we write are always PNG;
 #: references (e.g. the ImageNet validation set) may legitimately be JPEG files as distributed.
@@ -127,7 +128,7 @@ def _check_nhwc_uint8(images: np.ndarray, name: str) -> None:
 
 
 def save_png_folder(images: np.ndarray, folder: str | os.PathLike, start_index: int = 0) -> list[Path]:
-    """Write uint8 NHWC images as ``folder/000000.png, ...`` (lossless; never JPEG)."""
+    """Write uint8 NHWC images as ``folder/000000.png, ...`` (lossless; never JPEG; each file atomically)."""
     _check_nhwc_uint8(images, "images")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,11 +139,11 @@ def save_png_folder(images: np.ndarray, folder: str | os.PathLike, start_index: 
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path, format="PNG")
+    replace_atomically(path, lambda staging: Image.fromarray(image).save(staging, format="PNG"))
 
 
 def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | None = None) -> Path:
-    """Write an ADM-style sample file: ``arr_0`` uint8 NHWC images, ``arr_1`` labels if given."""
+    """Write an ADM-style sample file (atomically): ``arr_0`` uint8 NHWC images, ``arr_1`` labels if given."""
     _check_nhwc_uint8(images, "images")
     arrays = [images]
     if labels is not None:
@@ -150,10 +151,18 @@ def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | N
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         arrays.append(labels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, *arrays)
-    return path
+    return write_npz(path, *arrays)
+
+
+def write_npz(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> Path:
+    """``np.savez`` (``.npz`` appended when missing, as numpy does) through an atomic replace."""
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+
+    def write(staging: Path) -> None:
+        with open(staging, "wb") as file:  # a file object: np.savez would append .npz to the staging name
+            np.savez(file, *arrays, **named)
+
+    return replace_atomically(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
