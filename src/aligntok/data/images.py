@@ -190,7 +190,7 @@ def center_crop(pil_image: Image.Image, resolution: int) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image to a float32 tensor (3, H, W) in [-1, 1]."""
-    array = np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    array = np.array(to_rgb(image), dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 

@@ -134,12 +134,13 @@ def save_png_folder(images: np.ndarray, folder: str | os.PathLike, start_index: 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{start_index + i:06d}.png" for i in range(len(images))]
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-        list(pool.map(_write_png, images, paths))
+        list(pool.map(write_png, images, paths))
     return paths
 
 
-def _write_png(image: np.ndarray, path: Path) -> None:
-    replace_atomically(path, lambda staging: Image.fromarray(image).save(staging, format="PNG"))
+def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """One uint8 HWC image as a PNG file, atomically (a kill never leaves a truncated PNG)."""
+    return replace_atomically(path, lambda staging: Image.fromarray(image).save(staging, format="PNG"))
 
 
 def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | None = None) -> Path:
