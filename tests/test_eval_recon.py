@@ -61,7 +61,7 @@ def test_one_exact_reconstruction_leaves_the_dataset_psnr_finite_and_is_counted(
 
 
 @pytest.mark.parametrize("scale", ["0-255", "0-1"])
-def test_floats_on_the_wrong_scale_are_refused_or_warned_about(scale):
+def test_floats_on_the_wrong_scale_are_refused_or_warned_about(scale, tiny_features):
     # The same pair on three scales: [-1, 1] is right; [0, 255] is refused, [0, 1] warned about.
     originals = _uint8_images(2, seed=9)
     reconstructions = _noisy(originals, 6, seed=10)
@@ -74,6 +74,8 @@ def test_floats_on_the_wrong_scale_are_refused_or_warned_about(scale):
             with pytest.raises(ValueError, match=r"\[0, 255\] pixels|outside \[-1, 1\]") as caught:
                 call()
             assert "\n" not in str(caught.value)
+        with pytest.raises(ValueError, match=r"\[0, 255\] pixels"):  # FID / IS features too
+            extract_features(tiny_features, a.float())
     else:
         with pytest.warns(PixelScaleWarning, match=r"looks like \[0, 1\] pixels"):
             psnr(a / 255, b / 255)
