@@ -23,6 +23,8 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from aligntok.errors import first_line
+
 #: Images with more pixels than this are refused before decoding (decompression bombs).
 #: Twice PIL's own warning threshold (~178M pixels); ``None`` disables the check.
 MAX_IMAGE_PIXELS: int | None = 2 * 89_478_485
@@ -87,14 +89,9 @@ def _open_checked(source: str | os.PathLike | bytes) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise BadImageError("not an image (PIL cannot identify the format)") from None
     except _DECODE_ERRORS as e:
-        raise BadImageError(f"cannot open image ({_first_line(e)})") from None
+        raise BadImageError(f"cannot open image ({first_line(e)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _scale_to_uint8(array: np.ndarray, peak: float) -> np.ndarray:
@@ -156,7 +153,7 @@ def load_image(source: str | os.PathLike | bytes, *, min_side: int = MIN_IMAGE_S
             # Copy when no conversion happened: closing the source below would invalidate it.
             return rgb.copy() if rgb is image else rgb
         except _DECODE_ERRORS as e:
-            raise BadImageError(f"truncated or corrupt image data ({_first_line(e)})") from None
+            raise BadImageError(f"truncated or corrupt image data ({first_line(e)})") from None
     finally:
         image.close()
 
