@@ -21,6 +21,11 @@ ENVIRONMENT_ERRORS: tuple[type[BaseException], ...] = (OSError, SafetensorError)
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message as one line (errors re-raised from DataLoader workers carry a traceback)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """An exception's message as one line: its first, or for an error re-raised from a DataLoader worker
+    (whose message is the worker's traceback) the original error, the traceback's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 2 and lines[1].startswith("Original Traceback"):
+        return lines[-1]
+    return lines[0]
