@@ -90,7 +90,11 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / target.name, target)  # put the old one back rather than lose it
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
