@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -182,6 +183,32 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     resumed = toys.toy_trainer(out, steps=6, ckpt_every=2)
     result = resumed.fit()
     assert result.resumed_from == 2 and result.step == 6 and not temp.exists()
+    straight = toys.toy_trainer(tmp_path / "straight", steps=6, ckpt_every=2)
+    straight.fit()
+    expected, actual = toys.full_state(straight), toys.full_state(resumed)
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_a_rerun_finishes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = ckpt.save_tensors
+
+    def disk_full_at_step_4(tensors, path):
+        if path.parent.name == ".tmp_step_00000004":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_tensors", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space left"):
+        toys.toy_trainer(out, steps=6, ckpt_every=2).fit()
+    root = out / "checkpoints"
+    assert ckpt.latest_checkpoint(out) == root / "step_00000002"
+    assert not list(root.glob(".tmp_*"))  # the partial write is gone: its space is given back
+    monkeypatch.undo()
+
+    resumed = toys.toy_trainer(out, steps=6, ckpt_every=2)
+    result = resumed.fit()
+    assert result.resumed_from == 2 and result.step == 6
     straight = toys.toy_trainer(tmp_path / "straight", steps=6, ckpt_every=2)
     straight.fit()
     expected, actual = toys.full_state(straight), toys.full_state(resumed)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aligntok.cli import main
+from aligntok.errors import first_line
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
@@ -52,3 +56,41 @@ def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "nope"), "builtin:shapes", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "failure, code, expected",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/model.safetensors"), 1, "No space left on device"),
+        (OSError(errno.EIO, os.strerror(errno.EIO)), 1, "Input/output error"),
+        (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/x"), 1, "Permission denied"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_the_machine_failing_under_a_command_is_one_line_saying_a_rerun_finishes(
+    tmp_path, capsys, monkeypatch, failure, code, expected
+):
+    import aligntok.inference
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(aligntok.inference, "reconstruct_to_pngs", fail)
+    assert main(["reconstruct", "tok", "builtin:shapes", "--out", str(tmp_path / "o")]) == code
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "re-run the same command" in err and "\n" not in err and "Traceback" not in err
+
+
+class _UnreadableDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/data/shard-00000.safetensors")
+
+
+def test_an_error_from_a_loader_worker_is_named_by_its_original_line():
+    with pytest.raises(OSError) as caught:  # torch re-raises it in the main process with the worker's traceback
+        next(iter(torch.utils.data.DataLoader(_UnreadableDataset(), num_workers=1)))
+    assert first_line(caught.value) == "OSError: [Errno 5] Input/output error: '/data/shard-00000.safetensors'"
+    assert first_line(ValueError("one\ntwo")) == "one" and first_line(OSError()) == "OSError"

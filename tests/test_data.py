@@ -218,6 +218,49 @@ def test_class_folders_give_sorted_labels_and_captions(tmp_path):
     assert dataset[0]["image"][0].mean() == 1.0 and dataset[2]["image"].max() == -1.0
 
 
+def test_a_link_back_to_the_root_reads_each_real_folder_once_with_its_label(tmp_path):
+    for folder, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / folder).mkdir()
+        for name in ("a.png", "b.png"):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / folder / name)
+    (tmp_path / "cat" / "up").symlink_to("..", target_is_directory=True)  # cat/up -> the root
+    (tmp_path / "dog" / "same").symlink_to(tmp_path / "dog", target_is_directory=True)  # a folder's link to itself
+    dataset = build_dataset(str(tmp_path), 16)
+    assert dataset.class_names == ["cat", "dog"]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in dataset.paths] == [
+        "cat/a.png", "cat/b.png", "dog/a.png", "dog/b.png"]
+    assert dataset.labels == [0, 0, 1, 1]
+
+
+def test_linked_folders_outside_the_root_are_still_read(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "elsewhere" / "x.png")
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "cat" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert len(build_dataset(str(tmp_path / "data"), 16)) == 1
+
+
+def test_a_file_deleted_after_listing_is_skipped_not_fatal(tmp_path):
+    (tmp_path / "cat").mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "cat" / f"{name}.png")
+        (tmp_path / "cat" / f"{name}.txt").write_text(name)
+    dataset = build_dataset(str(tmp_path), 16)
+    (tmp_path / "cat" / "a.png").unlink()  # image and caption gone mid-epoch
+    (tmp_path / "cat" / "b.txt").unlink()  # only the caption gone
+    sample = dataset[0]
+    assert sample["index"] == 2 and sample["caption"] == "c"
+    assert [s.split(":")[0] for s in sample["skipped"]] == [str(tmp_path / "cat" / "a.png"), str(tmp_path / "cat" / "b.png")]
+    assert "caption" in sample["skipped"][1]
+
+
+def test_shard_writer_converts_pil_images_like_the_readers(tmp_path):
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # fully transparent: white, as load_image reads it
+    write_shards([{"image": rgba, "label": 0}], str(tmp_path / "%06d.tar"), maxcount=4)
+    sample = next(iter(ShardDataset(str(tmp_path / "000000.tar"), 16)))
+    assert (sample["image"] == 1.0).all()
+
+
 def test_bad_specs_are_one_line_errors(tmp_path):
     for spec, message in (("no/such/place", "none of"), ("builtin:nope", "unknown built-in"),
                           (str(tmp_path / "missing_{000..003}.tar"), "not found")):

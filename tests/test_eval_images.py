@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from aligntok.data.images import load_image
 from aligntok.eval import (
     build_provenance,
     from_uint8,
@@ -133,12 +135,26 @@ def test_writers_reject_non_uint8_nhwc(tmp_path):
         save_npz(np.zeros((1, 8, 8, 3), np.float32), tmp_path / "x.npz")
 
 
-def test_grayscale_and_alpha_pngs_become_rgb(tmp_path):
+def test_grayscale_16_bit_and_alpha_pngs_become_rgb_as_the_training_reader_reads_them(tmp_path):
     Image.fromarray(np.full((12, 16), 7, np.uint8)).save(tmp_path / "a.png")
-    Image.fromarray(np.full((12, 16, 4), 9, np.uint8)).save(tmp_path / "b.png")
+    transparent = np.zeros((12, 16, 4), np.uint8)  # black where fully transparent
+    transparent[:, :8] = (200, 0, 0, 255)  # opaque red on the left half
+    Image.fromarray(transparent).save(tmp_path / "b.png")
+    Image.fromarray(np.full((12, 16), 32768, np.uint16)).save(tmp_path / "c.png")  # 16-bit mid grey
+    assert Image.open(tmp_path / "c.png").mode == "I;16"
     images = read_images(tmp_path)
-    assert images.shape == (2, 12, 16, 3)
-    assert (images[0] == 7).all() and (images[1] == 9).all()
+    assert images.shape == (3, 12, 16, 3)
+    assert (images[0] == 7).all()
+    assert (images[1][:, :8] == (200, 0, 0)).all() and (images[1][:, 8:] == 255).all()  # over white, not black
+    assert (images[2] == 128).all()  # 32768 / 65535 of white, not clipped to 255
+    for image, name in zip(images, ("a", "b", "c"), strict=True):  # one decoder: training reads the same pixels
+        assert np.array_equal(image, np.asarray(load_image(tmp_path / f"{name}.png")))
+
+
+def test_a_folder_with_a_link_back_to_itself_is_read_once(tmp_path):
+    save_png_folder(_images(n=2), tmp_path / "s" / "a")
+    os.symlink("..", tmp_path / "s" / "a" / "up")
+    assert len(open_images(tmp_path / "s")) == 2
 
 
 def test_provenance_records_hashes_and_versions(tmp_path):

@@ -26,6 +26,8 @@ from aligntok.eval import (
     psnr,
     ssim,
 )
+from aligntok.eval.images import PixelScaleWarning
+from aligntok.eval.recon import PSNR_MAX_DB
 
 
 def _uint8_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -40,9 +42,49 @@ def _noisy(images: torch.Tensor, amplitude: int, seed: int = 1) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ PSNR
 
 
-def test_psnr_of_identical_images_is_inf():
+def test_psnr_of_identical_images_is_the_cap_or_inf_uncapped():
     images = _uint8_images(3)
-    assert torch.isinf(psnr(images, images)).all()
+    assert psnr(images, images).tolist() == [PSNR_MAX_DB] * 3 and PSNR_MAX_DB == 100.0
+    assert torch.isinf(psnr(images, images, max_db=None)).all()
+
+
+def test_one_exact_reconstruction_leaves_the_dataset_psnr_finite_and_is_counted():
+    originals = _uint8_images(4, seed=7)
+    reconstructions = _noisy(originals, 10, seed=8)
+    reconstructions[0] = originals[0]
+    metrics = ReconMetrics()
+    metrics.update(originals, reconstructions)
+    result = metrics.compute()
+    others = psnr(originals[1:], reconstructions[1:], max_db=None)
+    assert result["psnr"] == pytest.approx((100.0 + others.sum().item()) / 4, rel=1e-12)
+    assert result["num_exact_images"] == 1
+
+
+@pytest.mark.parametrize("scale", ["0-255", "0-1"])
+def test_floats_on_the_wrong_scale_are_refused_or_warned_about(scale, tiny_features):
+    # The same pair on three scales: [-1, 1] is right; [0, 255] is refused, [0, 1] warned about.
+    originals = _uint8_images(2, seed=9)
+    reconstructions = _noisy(originals, 6, seed=10)
+    right = psnr(from_uint8(originals), from_uint8(reconstructions))
+    assert torch.equal(right, psnr(originals, reconstructions))
+    a, b = originals.double(), reconstructions.double()
+    if scale == "0-255":
+        for call in (lambda: psnr(a, b), lambda: ssim(a, b), lambda: ReconMetrics().update(a, b),
+                     lambda: psnr(from_uint8(originals), b)):
+            with pytest.raises(ValueError, match=r"\[0, 255\] pixels|outside \[-1, 1\]") as caught:
+                call()
+            assert "\n" not in str(caught.value)
+        with pytest.raises(ValueError, match=r"\[0, 255\] pixels"):  # FID / IS features too
+            extract_features(tiny_features, a.float())
+    else:
+        with pytest.warns(PixelScaleWarning, match=r"looks like \[0, 1\] pixels"):
+            psnr(a / 255, b / 255)
+
+
+def test_model_outputs_may_overshoot_and_are_clamped():
+    originals = _uint8_images(2, seed=11)
+    overshoot = from_uint8(originals) * 1.2  # a decoder's output beyond [-1, 1] is clamped, not refused
+    assert torch.isfinite(psnr(from_uint8(originals), overshoot)).all()
 
 
 def test_psnr_of_a_known_error_is_analytic():
@@ -235,7 +277,8 @@ def test_recon_metrics_of_perfect_reconstructions(tiny_features):
     metrics = ReconMetrics(inception=tiny_features)
     metrics.update(images, images)
     result = metrics.compute()
-    assert result["psnr"] == math.inf and result["ssim"] == pytest.approx(1.0, abs=1e-12)
+    assert result["psnr"] == PSNR_MAX_DB and result["num_exact_images"] == 10
+    assert result["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert result["lpips"] is None and result["rfid"] == pytest.approx(0.0, abs=1e-9)
 
 

@@ -131,6 +131,7 @@ def test_recon_json_equals_the_library_on_the_same_images(
     assert any("singular" in w for w in result["warnings"])
     provenance = result["provenance"]
     assert provenance["num_samples"] == NUM_RECON and provenance["settings"]["world_size"] == 1
+    assert result["num_exact_images"] == 0 and "capped at 100 dB" in provenance["settings"]["psnr"]
     networks = {net["name"]: net for net in provenance["feature_networks"]}
     assert networks["aligntok-tokenizer"]["weights_sha256"] == _sha256(tokenizer_dir / "model.safetensors")
     assert networks["inception-v3-compat"]["weights_sha256"] == _sha256(inception_file)

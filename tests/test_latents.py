@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from aligntok.cli import main
+from aligntok.data import latents as latents_module
 from aligntok.data import build_dataset, write_shards
 from aligntok.data.latents import (
     ChannelMoments,
@@ -200,3 +204,55 @@ def test_webdataset_shards_cache_one_shard_per_tar(tmp_path):
     torch.testing.assert_close(stored["latents"], expected, rtol=1e-4, atol=1e-4)
     assert stored["labels"].tolist() == [s["label"] for s in samples]
     assert stored["indices"].tolist() == [0, 1, 2, 0, 1]  # position in its tar
+
+
+CLI_SETTINGS = ["--data", "builtin:shapes", "--resolution", "16", "--batch-size", "3", "--shard-size", "4",
+                "--num-workers", "0", "--builtin-size", "10"]
+
+
+def test_a_full_disk_while_caching_is_one_line_and_a_rerun_completes_the_same_cache(cached, tmp_path, monkeypatch, capsys):
+    root, _, _ = cached  # root / "cache": made by one uninterrupted run
+    work = tmp_path / "interrupted"
+    tok = make_tokenizer(work / "tok")  # the same weights as the fixture's cache was made with
+    real_save, calls = latents_module.save_safetensors, []
+
+    def full_after_one_shard(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(latents_module, "save_safetensors", full_after_one_shard)
+    assert main(["cache-latents", "--tokenizer", str(tok), "--out", str(work / "cache"), *CLI_SETTINGS]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in err and "re-run the same command" in err
+    assert [p.name for p in shard_files(work / "cache")] == ["shard-00000.safetensors"]
+    assert not (work / "cache" / "cache.json").exists()
+    monkeypatch.undo()
+    result = cache_latents(tok, "builtin:shapes", work / "cache", progress=False, **SETTINGS)
+    assert result.written_shards == [1, 2]  # the complete shard is kept, the rest made
+    expected, actual = all_latents(root / "cache"), all_latents(work / "cache")
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: a write past `limit` bytes fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_real_storage_failure_under_safetensors_is_one_line_and_keeps_the_tokenizer(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    config_before = (tok / "config.json").read_text()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "aligntok.cli", "cache-latents", "--tokenizer", str(tok),
+               "--out", str(tmp_path / "cache"), *CLI_SETTINGS]
+    # Shards (~3 kB) fit; rewriting the tokenizer (~700 kB of weights) with its statistics does not.
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120,
+                          preexec_fn=_file_size_limit(64_000))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "File too large" in done.stderr.strip().splitlines()[-1]
+    assert (tok / "config.json").read_text() == config_before  # intact, not half rewritten
+    assert main(["cache-latents", "--tokenizer", str(tok), "--out", str(tmp_path / "cache"), *CLI_SETTINGS]) == 0
+    assert AlignTokTokenizer.from_pretrained(tok).config.latent_mean is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,6 +81,48 @@ def test_sampling_writes_the_adm_npz_a_grid_and_every_setting(models):
     assert settings["num"] == 5 and settings["seed"] == 0 and settings["batch_size"] == 2
     assert settings["image_size"] == [16, 16] and settings["latent_mean"] == pytest.approx([0.1, -0.2, 0.3, 0.0])
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz", "sampling.json"]
+
+
+class _Killed(Exception):
+    """Raised mid-run, as a kill would stop it."""
+
+
+def test_an_interrupted_run_resumes_making_only_the_missing_batches_and_equals_a_straight_one(models, monkeypatch):
+    from aligntok.diffusion import sampling
+
+    config = SampleConfig(num=5, batch_size=2, seed=3, sampler=SamplerConfig(num_steps=2))
+    straight = models / "straight"
+    sample_to_directory(models / "dit", models / "tok", straight, config)
+    real_decode, calls = sampling.decode_samples, []
+
+    def counted(*args, **kwargs):
+        calls.append(list(args[3]))
+        if len(calls) == 2 and kill:
+            raise _Killed("killed while sampling the second batch")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "decode_samples", counted)
+    resumed = models / "resumed"
+    kill = True
+    with pytest.raises(_Killed):
+        sample_to_directory(models / "dit", models / "tok", resumed, config)
+    assert not (resumed / "samples.npz").exists()
+    calls.clear()
+    kill = False
+    sample_to_directory(models / "dit", models / "tok", resumed, config)
+    assert calls == [[2, 3], [4]]  # the first batch was kept from the interrupted run
+    assert np.array_equal(_read(straight)[0], _read(resumed)[0])
+    assert sorted(p.name for p in resumed.iterdir()) == ["grid.png", "samples.npz", "sampling.json"]
+
+    # Other settings after an interrupted run: none of its batches is reused.
+    calls.clear()
+    kill = True
+    with pytest.raises(_Killed):
+        sample_to_directory(models / "dit", models / "tok", models / "reseeded", config)
+    calls.clear()
+    kill = False
+    sample_to_directory(models / "dit", models / "tok", models / "reseeded", dataclasses.replace(config, seed=4))
+    assert calls == [[0, 1], [2, 3], [4]]
 
 
 def test_latents_are_denormalised_with_the_tokenizers_statistics_before_decoding(models):

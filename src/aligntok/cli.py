@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
-    from aligntok.errors import USER_ERRORS
+    from aligntok.errors import ENVIRONMENT_ERRORS, USER_ERRORS, first_line
 
     try:
         args.func(args)
@@ -355,7 +355,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aligntok {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ENVIRONMENT_ERRORS as e:
+        # The machine failed under the run (full disk, I/O error, permissions): every write is atomic, so
+        # what was complete is intact and the same command picks up from there.
+        if args.verbose:
+            raise
+        print(f"aligntok {args.command}: error: {first_line(e)}; {_RERUN}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"aligntok {args.command}: interrupted; {_RERUN}", file=sys.stderr)
+        return 130
     return 0
+
+
+_RERUN = "complete checkpoints and results are intact: re-run the same command to finish"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from aligntok.io import write_text_atomically
+
 T = TypeVar("T")
 
 
@@ -106,7 +108,7 @@ def config_from_dict(cls: type[T], data: dict) -> T:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -6,10 +6,9 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from aligntok.data import build_dataset, build_loader
-from aligntok.eval.images import to_uint8_nhwc
+from aligntok.eval.images import to_uint8_nhwc, write_png
 from aligntok.models.tokenizer import AlignTokTokenizer
 
 
@@ -31,7 +30,7 @@ def reconstruct_to_pngs(
     for batch in islice(build_loader(dataset, batch_size, shuffle=False), -(-num // batch_size)):
         x = batch["image"][: num - written].to(device)
         for a, b in zip(to_uint8_nhwc(x), to_uint8_nhwc(tok.decode(tok.encode(x)))):
-            Image.fromarray(a).save(out / f"{written:05d}_input.png")
-            Image.fromarray(b).save(out / f"{written:05d}_recon.png")
+            write_png(a, out / f"{written:05d}_input.png")
+            write_png(b, out / f"{written:05d}_recon.png")
             written += 1
     return written

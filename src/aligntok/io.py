@@ -1,28 +1,79 @@
-"""File-system helpers shared by everything that writes files other processes or later runs read."""
+"""File-system helpers shared by everything that writes files other processes or later runs read.
+
+Every file aligntok writes for later use goes through a uniquely named sibling and a rename
+(:func:`replace_atomically`), so a kill or a full disk mid-write leaves the previous version (or
+nothing), never half a file; the sibling is removed when the write fails. Storage failures surface as
+:class:`OSError` (safetensors' own error type included), which the CLI reports in one line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a uniquely named sibling file and a rename: a reader never sees half
-    a file, and concurrent writers never share a temporary file. Creates the parent directory."""
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()  # what open() would give; mkstemp's files are private (0600)
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` on a uniquely named sibling of ``path``, fsync it, rename it over ``path``.
+
+    A reader never sees half a file, concurrent writers never share a staging file, and a failure
+    (a full disk, a kill) leaves ``path`` as it was; the staging file is removed unless the process dies.
+    Creates the parent directory. Staging files are named ``.NAME.*.tmp``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        os.chmod(staging, _FILE_MODE)
+        write(Path(staging))
+        with open(staging, "rb") as written:  # durable before it is visible under its name
+            os.fsync(written.fileno())
         os.replace(staging, path)
     finally:
-        if os.path.exists(staging):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(staging)
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`replace_atomically`."""
+
+    def write(staging: Path) -> None:
+        with open(staging, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    return replace_atomically(path, write)
+
+
+def save_safetensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` through :func:`replace_atomically`; its I/O errors as OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(staging: Path) -> None:
+        try:
+            save_file(dict(tensors), str(staging), metadata=metadata)
+        except SafetensorError as e:  # e.g. "I/O error: No space left on device (os error 28)"
+            raise OSError(f"cannot write {path}: {e}") from None
+        os.chmod(staging, _FILE_MODE)  # safetensors writes a fresh, private file
+
+    return replace_atomically(path, write)
 
 
 def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -39,7 +90,11 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / target.name, target)  # put the old one back rather than lose it
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)

@@ -387,8 +387,7 @@ def _train_loop(
     A plain single-process loop, not the Trainer: the Trainer's collectives expect every rank, while a
     stand-in trains in one process as the others wait on the cache lock (and needs no resume).
     """
-    from tqdm.auto import tqdm
-
+    from aligntok.progress import progress_bar
     from aligntok.training.trainer import lr_factor
 
     start = time.perf_counter()
@@ -400,7 +399,7 @@ def _train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule, settings.steps))
     generator = torch.Generator().manual_seed(settings.init_seed)
     recent: list[dict[str, float]] = []
-    with tqdm(range(settings.steps), desc=desc, disable=not progress, file=sys.stderr, leave=False) as bar:
+    with progress_bar(range(settings.steps), desc=desc, disable=not progress, leave=False) as bar:
         for step in bar:
             images, targets = data.batch(settings.batch_size, generator, hflip=settings.hflip)
             loss, logs = step_loss(images, targets)

@@ -10,6 +10,7 @@ random flip and builds the sample dict the loaders collate.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import warnings
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
+
+from aligntok.errors import first_line
 
 #: Images with more pixels than this are refused before decoding (decompression bombs).
 #: Twice PIL's own warning threshold (~178M pixels); ``None`` disables the check.
@@ -40,6 +43,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
                   Image.DecompressionBombError)
 
 _SEED_MASK = (1 << 64) - 1
+
+log = logging.getLogger(__name__)
 
 
 class BadImageError(ValueError):
@@ -84,14 +89,9 @@ def _open_checked(source: str | os.PathLike | bytes) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise BadImageError("not an image (PIL cannot identify the format)") from None
     except _DECODE_ERRORS as e:
-        raise BadImageError(f"cannot open image ({_first_line(e)})") from None
+        raise BadImageError(f"cannot open image ({first_line(e)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _scale_to_uint8(array: np.ndarray, peak: float) -> np.ndarray:
@@ -109,8 +109,13 @@ def _white_level(array: np.ndarray, mode: str) -> float:
     return 255.0 if top <= 255 else 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, the one conversion every reader and writer of the project uses.
+
+    Transparency (RGBA, LA, PA, palette transparency) is composited over a white background, as a
+    viewer shows it; 16-bit and 32-bit integer / float modes are scaled so that their white maps to 255
+    (PIL's own ``convert("RGB")`` clips them instead: a 16-bit image turns nearly white).
+    """
     mode = image.mode
     if mode == "RGB":
         return image
@@ -126,27 +131,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode a file path or encoded bytes to an 8-bit RGB PIL image.
+def load_image(source: str | os.PathLike | bytes, *, min_side: int = MIN_IMAGE_SIDE) -> Image.Image:
+    """Decode a file path or encoded bytes to an 8-bit RGB PIL image: the one decoder of training,
+    latent caching and evaluation.
 
-    CMYK, 16-bit, grayscale, palette and alpha images are converted (alpha over white).
-    Raises :class:`BadImageError` with a one-line reason for empty, truncated, unidentifiable or
-    too-small images, and refuses images above :data:`MAX_IMAGE_PIXELS` without decoding them.
+    CMYK, 16-bit, grayscale, palette and alpha images are converted by :func:`to_rgb` (alpha over
+    white). Raises :class:`BadImageError` with a one-line reason for missing, empty, truncated,
+    unidentifiable or too-small (short side < ``min_side``) images, and refuses images above
+    :data:`MAX_IMAGE_PIXELS` without decoding them.
     """
     image = _open_checked(source)
     try:
         width, height = image.size
-        if min(width, height) < MIN_IMAGE_SIDE:
-            raise BadImageError(f"image too small ({width}x{height}; short side must be >= {MIN_IMAGE_SIDE})")
+        if min(width, height) < min_side:
+            raise BadImageError(f"image too small ({width}x{height}; short side must be >= {min_side})")
         # PIL's default, enforced: a truncated file must be an error, not an image padded with grey.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
             image.load()
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
             # Copy when no conversion happened: closing the source below would invalidate it.
             return rgb.copy() if rgb is image else rgb
         except _DECODE_ERRORS as e:
-            raise BadImageError(f"truncated or corrupt image data ({_first_line(e)})") from None
+            raise BadImageError(f"truncated or corrupt image data ({first_line(e)})") from None
     finally:
         image.close()
 
@@ -180,7 +187,7 @@ def center_crop(pil_image: Image.Image, resolution: int) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image to a float32 tensor (3, H, W) in [-1, 1]."""
-    array = np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    array = np.array(to_rgb(image), dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
@@ -283,10 +290,24 @@ def _images_among(directory: str, file_names: list[str]) -> list[tuple[str, str 
     return found
 
 
-def _walk_images(directory: str) -> list[tuple[str, str | None]]:
-    """:func:`_images_among` over ``directory`` and its subfolders, in sorted order."""
+def walk_images(directory: str, visited: set[str] | None = None) -> list[tuple[str, str | None]]:
+    """:func:`_images_among` over ``directory`` and its subfolders, in sorted order.
+
+    Symbolic links to folders are followed, but every real folder is read once: ``visited`` holds the
+    real paths already read (shared by the callers that scan one dataset), so a link back to an
+    ancestor (``cat/up -> ..``) or a second link to the same folder adds nothing. Each folder passed
+    over is logged.
+    """
+    visited = set() if visited is None else visited
     found: list[tuple[str, str | None]] = []
     for current, subdirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(current)
+        if real in visited:
+            subdirs[:] = []
+            log.warning("not reading %s again: it is %s, already read (a symbolic link loop or a duplicate link)",
+                        current, real)
+            continue
+        visited.add(real)
         subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
         found += _images_among(current, files)
     return found
@@ -315,8 +336,9 @@ class ImageFolderDataset(IndexedImageDataset):
                     f"{root} mixes images at top level (e.g. {top_images[0][0]}) with class subfolders "
                     f"(e.g. {class_dirs[0]}); use one layout"
                 )
+            visited = {os.path.realpath(root)}  # one real folder, one reading, one label
             for label, name in enumerate(class_dirs):
-                items += [(path, caption, label) for path, caption in _walk_images(os.path.join(root, name))]
+                items += [(path, caption, label) for path, caption in walk_images(os.path.join(root, name), visited)]
         else:
             items = [(path, caption, -1) for path, caption in top_images]
         self.class_names = class_dirs
@@ -338,5 +360,8 @@ class ImageFolderDataset(IndexedImageDataset):
     def load(self, index: int) -> tuple[Image.Image, int, str]:
         image = load_image(self.paths[index])
         caption_path = self.caption_paths[index]
-        caption = Path(caption_path).read_text(encoding="utf-8", errors="replace").strip() if caption_path else ""
+        try:
+            caption = Path(caption_path).read_text(encoding="utf-8", errors="replace").strip() if caption_path else ""
+        except OSError as e:  # e.g. deleted after the folder was listed: the sample is unusable, not the run
+            raise BadImageError(f"cannot read caption {caption_path} ({e.strerror or e})") from None
         return image, self.labels[index], caption

@@ -2,7 +2,8 @@
 
 :func:`cache_latents` (the ``aligntok cache-latents`` command) cuts the dataset into units (index
 ranges of ``shard_size`` images for folders and ``builtin:``; one unit per tar for WebDataset shards)
-and writes each unit as one safetensors shard under a temporary name that is renamed when complete:
+and writes each unit as one safetensors shard under a temporary name that is renamed when complete
+(:func:`aligntok.io.save_safetensors`), so a kill or a full disk never leaves half a shard:
 
     CACHE/plan.json                 the settings the shards were made with (a re-run must match them)
     CACHE/shard-00000.safetensors   latents (n, C, h, w) fp32, latents_flip (the horizontally flipped
@@ -38,12 +39,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from aligntok.data import build_dataset, collate_samples
 from aligntok.data.shards import ShardDataset
-from aligntok.io import write_text_atomically
+from aligntok.io import save_safetensors, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ def _resolved_spec(data: str) -> str:
 def _prepare_directory(out: Path, plan: dict[str, Any]) -> None:
     """Create the cache directory or check that its shards were made with the same settings."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tmp-*"):  # an interrupted shard write
-        stale.unlink()
+    for stale in out.glob(".shard-*.tmp*"):  # a shard write interrupted by a kill
+        stale.unlink(missing_ok=True)
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
         existing = json.loads(plan_path.read_text())
@@ -276,11 +276,10 @@ def cache_latents(
     the per-channel latent mean and std end up in ``cache.json`` and in the tokenizer's own config.
     ``tokenizer_dir`` must be a local tokenizer directory, since it is updated with the statistics.
     """
-    from tqdm import tqdm
-
     from aligntok import __version__
     from aligntok.eval.provenance import sha256_file
     from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, AlignTokTokenizer
+    from aligntok.progress import progress_bar
     from aligntok.training import distributed
 
     if batch_size < 1 or shard_size < 1 or num_workers < 0:
@@ -324,15 +323,14 @@ def cache_latents(
         log.info("latent cache %s: %d of %d shards to encode on %d rank(s)", out, len(missing), len(units), dist.world_size)
     total = sum(_unit_size(dataset, u) for u in mine)
     written: list[int] = []
-    with tqdm(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
+    with progress_bar(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
         for unit in mine:
             tensors, skipped = _encode_unit(
                 tokenizer, dataset, unit, batch_size=batch_size, num_workers=num_workers,
                 latent_shape=latent_shape, progress=bar,
             )
-            temporary = out / f".{unit.file_name}.tmp-{dist.rank}"
-            save_file(tensors, str(temporary), metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped)})
-            os.replace(temporary, out / unit.file_name)
+            # Atomic: a kill or a full disk leaves no shard rather than half of one, and a re-run encodes it.
+            save_safetensors(tensors, out / unit.file_name, metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped)})
             written.append(unit.number)
     dist.barrier()
 

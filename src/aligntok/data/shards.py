@@ -40,8 +40,10 @@ from aligntok.data.images import (
     make_sample,
     should_flip,
     stable_hash,
+    to_rgb,
     to_tensor,
 )
+from aligntok.io import write_text_atomically
 
 #: Metadata file written beside the shards by :func:`write_shards`.
 SHARD_META_FILE = "dataset.json"
@@ -75,7 +77,7 @@ def expand_shard_spec(spec: str) -> list[str]:
 def _to_pil(image: Any) -> Image.Image:
     """A PIL image, a (3,H,W) tensor (float in [-1,1] or uint8) or an (H,W,3) uint8 array as PIL RGB."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)  # the readers' conversion (alpha over white, 16-bit scaled), not PIL's clip
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
@@ -146,7 +148,7 @@ def write_shards(
         "class_names": list(class_names or []),
         "shard_sizes": {os.path.basename(path): count for path, count in counts.items()},
     }
-    (Path(paths[0]).parent / SHARD_META_FILE).write_text(json.dumps(meta, indent=1))
+    write_text_atomically(Path(paths[0]).parent / SHARD_META_FILE, json.dumps(meta, indent=1))
     return paths
 
 

@@ -11,7 +11,10 @@ The latents are de-normalised with the per-channel statistics the DiT was traine
 directory by ``train-dit``; the tokenizer's for a DiT that records none), decoded, and written as
 ``grid.png`` (the first ``grid_max`` samples), ``samples.npz`` (ADM format: uint8 NHWC ``arr_0``,
 labels ``arr_1``) and ``sampling.json`` (every setting). Ranks hand their batches to rank 0 through
-files under ``OUT/.parts`` (so multi-node runs need a shared file system), removed at the end.
+files under ``OUT/.parts`` (so multi-node runs need a shared file system), removed at the end. A run
+that is interrupted (killed, out of disk) keeps its finished batches there: the same command again
+makes only the missing ones, and its samples equal an uninterrupted run's. Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from aligntok.config import config_from_dict
 from aligntok.diffusion.samplers import SamplerConfig, sample
+from aligntok.io import replace_atomically, write_text_atomically
 
 if TYPE_CHECKING:
     from aligntok.models.lightningdit import LightningDiT
@@ -41,6 +45,7 @@ GRID_FILE = "grid.png"
 SAMPLES_FILE = "samples.npz"
 SETTINGS_FILE = "sampling.json"
 PARTS_DIR = ".parts"
+PARTS_PLAN = "plan.json"  #: in PARTS_DIR: what its batches were made with
 _SEED_MASK = (1 << 64) - 1
 
 log = logging.getLogger(__name__)
@@ -178,6 +183,42 @@ def generate_images(
     return np.concatenate(batches)
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # a file object: np.save would append .npy to the staging name
+        np.save(file, array)
+
+
+def _run_identity(dit: str | os.PathLike, tokenizer: str | os.PathLike, config: SampleConfig, device: Any) -> dict[str, Any]:
+    """What the batches of a run depend on: the settings, the device kind, and the model files (by size and
+    modification time, so a retrained DiT or re-cached statistics make earlier batches stale)."""
+
+    def files(source: str | os.PathLike) -> Any:
+        folder = Path(source)
+        if not folder.is_dir():
+            return str(source)  # a hub id: its revision is fixed by the cache
+        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+
+    return {
+        "dit": [str(Path(dit).resolve()), files(dit)],
+        "tokenizer": [str(tokenizer), files(tokenizer)],
+        "config": dataclasses.asdict(config),
+        "device": torch.device(device).type,
+    }
+
+
+def _prepare_parts(parts: Path, identity: dict[str, Any]) -> None:
+    """Keep the finished batches of an interrupted run with the same ``identity``; start afresh otherwise."""
+    plan = parts / PARTS_PLAN
+    try:
+        same = json.loads(plan.read_text()) == json.loads(json.dumps(identity))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+        write_text_atomically(plan, json.dumps(identity, indent=2) + "\n")
+
+
 def sample_to_directory(
     dit: str | os.PathLike,
     tokenizer: str | os.PathLike,
@@ -212,20 +253,20 @@ def sample_to_directory(
     out = Path(out_dir)
     parts = out / PARTS_DIR
     if dist.is_main:
-        shutil.rmtree(parts, ignore_errors=True)
-        parts.mkdir(parents=True)
+        _prepare_parts(parts, _run_identity(dit, tokenizer, config, dist.device))
     dist.barrier()
 
     started = time.perf_counter()
     num_batches = math.ceil(config.num / config.batch_size)
     for batch in range(dist.rank, num_batches, dist.world_size):
+        part = parts / f"batch-{batch:06d}.npy"
+        if part.is_file():  # made by an interrupted run of the same settings
+            continue
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
         images = decode_samples(
             model, tok, labels[indices.start : indices.stop], indices, sampler, config.seed, (latent_mean, latent_std)
         )
-        temporary = parts / f".batch-{batch:06d}.tmp.npy"
-        np.save(temporary, images)
-        os.replace(temporary, parts / f"batch-{batch:06d}.npy")
+        replace_atomically(part, lambda staging, images=images: _save_npy(staging, images))
     dist.barrier()
 
     settings = {
@@ -252,11 +293,10 @@ def sample_to_directory(
         images = np.concatenate([np.load(parts / f"batch-{b:06d}.npy") for b in range(num_batches)])
         settings["image_size"] = list(images.shape[1:3])
         settings["seconds"] = round(time.perf_counter() - started, 3)
-        temporary = out / ".samples.tmp.npz"
-        save_npz(images, temporary, labels.numpy())
-        os.replace(temporary, result.samples)
-        Image.fromarray(_image_grid(images[: config.grid_max])).save(result.grid)
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        shutil.rmtree(parts, ignore_errors=True)
+        save_npz(images, result.samples, labels.numpy())  # atomic, like every file below
+        grid = Image.fromarray(_image_grid(images[: config.grid_max]))
+        replace_atomically(result.grid, lambda staging: grid.save(staging, format="PNG"))
+        write_text_atomically(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        shutil.rmtree(parts, ignore_errors=True)  # only now: a kill before this point loses no batch
     dist.barrier()
     return result

@@ -37,16 +37,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from aligntok.data import ShardDataset, build_dataset, collate_samples
 from aligntok.data.loader import epoch_permutation
 from aligntok.eval.features import FeatureNetwork, load_inception
 from aligntok.eval.probe import average_pool, cknna, evaluate_probe
 from aligntok.eval.provenance import build_provenance, sha256_file
-from aligntok.eval.recon import LPIPS_NETS, LPIPSMetric, ReconMetrics
+from aligntok.eval.recon import LPIPS_NETS, PSNR_MAX_DB, LPIPSMetric, ReconMetrics
 from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
 from aligntok.io import write_text_atomically
+from aligntok.progress import progress_bar
 from aligntok.training.distributed import (
     DistInfo,
     broadcast_object,
@@ -322,7 +322,8 @@ def evaluate_reconstruction(
 
     metrics = ReconMetrics(lpips=lpips, inception=inception)
     skipped: list[str] = []
-    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon", unit="img")
+    bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon",
+                       unit="img")
     with bar, torch.inference_mode():
         for batch in _batches(selection, batch_size, num_workers):
             good, bad = _good(batch)
@@ -367,7 +368,8 @@ def evaluate_reconstruction(
         settings={
             "protocol": "references are the tokenizer's inputs; both sides quantised to uint8 (round, clamp) "
             "before every metric",
-            "psnr": "per image over all pixels and channels (data range 255), averaged over images",
+            "psnr": f"per image over all pixels and channels (data range 255), capped at {PSNR_MAX_DB:g} dB "
+            "(MSE floored at 255^2 * 10^(-cap/10)), averaged over images; num_exact_images counts MSE 0",
             "ssim": "Gaussian 11x11 window, sigma 1.5, K=(0.01, 0.03), no padding, per image, averaged",
             "lpips": f"lpips v0.1, {lpips_net} trunk" if lpips_net is not None else None,
             "rfid": "Inception pool_3 (2048-d) of originals vs reconstructions" if rfid else None,
@@ -413,7 +415,8 @@ def _pooled_features(
     """Pool the latents (and, for ``encoder_keys``, the reference encoder's features on the latent's grid)
     on every rank; gather on rank 0."""
     keys, latents, labels, enc_keys, enc_features, skipped = [], [], [], [], [], []
-    bar = tqdm(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc, unit="img")
+    bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc,
+                       unit="img")
     with bar, torch.inference_mode():
         for batch in _batches(selection, batch_size, num_workers):
             good, bad = _good(batch)
@@ -674,8 +677,8 @@ def _strict_json(value: Any) -> Any:
 def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``result`` as strict JSON, atomically (a reader never sees half a file).
 
-    Non-finite numbers (e.g. the PSNR of identical images, inf) are written as null and listed
-    under ``non_finite`` with their value.
+    Non-finite numbers (e.g. an FID of singular statistics) are written as null and listed under
+    ``non_finite`` with their value.
     """
     path = Path(path)
     document = dict(result)
@@ -695,7 +698,9 @@ def summarize(kind: str, result: Mapping[str, Any]) -> str:
     """A few human-readable lines for ``kind`` in recon, gen, probe."""
     if kind == "recon":
         lines = [
-            f"recon: {result['num_images']} images ({result['num_skipped']} skipped)",
+            f"recon: {result['num_images']} images ({result['num_skipped']} skipped"
+            + (f", {result['num_exact_images']} reconstructed exactly, PSNR capped at {PSNR_MAX_DB:g} dB"
+               if result.get("num_exact_images") else "") + ")",
             (
                 f"  PSNR {_number(result['psnr'], 3)} dB  SSIM {_number(result['ssim'], 4)}  "
                 f"LPIPS {_number(result['lpips'], 4)}  rFID {_number(result['rfid'], 4)}"

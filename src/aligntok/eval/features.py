@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from aligntok.eval.images import ImageSource, as_uint8, check_nchw_rgb, nhwc_to_tensor
+from aligntok.eval.images import ImageSource, as_uint8, check_nchw_rgb, check_pixel_scale, nhwc_to_tensor
 from aligntok.eval.provenance import sha256_file, sha256_files
+from aligntok.progress import progress_bar
 
 #: torch-fidelity's conversion of the TF Inception graph used by the ADM / TTUR FID code.
 INCEPTION_URL = (
@@ -331,6 +331,7 @@ def uint8_batches(images: ImageInput, batch_size: int) -> tuple[Iterable[torch.T
         return (nhwc_to_tensor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)), len(images)
     if isinstance(images, torch.Tensor):
         check_nchw_rgb(images, "images")
+        check_pixel_scale(images, "images", reference=False)  # [0, 255] refused, [0, 1] warned about
         return (as_uint8(images[i : i + batch_size]) for i in range(0, len(images), batch_size)), len(images)
     raise ValueError(f"unsupported image input {type(images).__name__}; use an ImageSource, array or tensor")
 
@@ -354,7 +355,7 @@ def extract_features(
     batches, total = uint8_batches(images, batch_size)
     device = network.device
     collected: dict[str, list[torch.Tensor]] = {key: [] for key in network.outputs}
-    with tqdm(total=total, disable=not progress, desc=desc or network.name, unit="img") as bar:
+    with progress_bar(total=total, disable=not progress, desc=desc or network.name, unit="img") as bar:
         for batch in batches:
             out = network(batch.to(device, non_blocking=True))
             for key in network.outputs:

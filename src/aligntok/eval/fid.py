@@ -151,10 +151,10 @@ class FeatureStats:
         return (self._scatter / (self.count - 1)).cpu().numpy()
 
     def save_npz(self, path: str | os.PathLike) -> Path:
-        """Write ``mu`` / ``sigma`` (the keys of ADM reference batches) and ``count``."""
-        path = Path(path)
-        np.savez(path, mu=self.mean, sigma=self.cov, count=np.int64(self.count))
-        return path
+        """Write ``mu`` / ``sigma`` (the keys of ADM reference batches) and ``count``, atomically."""
+        from aligntok.eval.images import write_npz
+
+        return write_npz(path, mu=self.mean, sigma=self.cov, count=np.int64(self.count))
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:

@@ -8,12 +8,17 @@ Conventions (kept identical everywhere so numbers are comparable):
 * Saved samples are PNG (lossless), never JPEG, or an ADM-style ``.npz`` whose ``arr_0`` is a uint8
   NHWC array (``arr_1`` optionally holds labels), as written by ADM / DiT / LightningDiT samplers.
 * Readers accept an ADM ``.npz`` (samples or reference batch) or a folder of images and yield
-  uint8 NHWC numpy batches without loading a whole 50,000-image file into memory.
+  uint8 NHWC numpy batches without loading a whole 50,000-image file into memory. Image files are
+  decoded by the data layer's :func:`aligntok.data.images.load_image`, the decoder training and
+  latent caching use (alpha composited over white, 16-bit scaled to 8-bit), and folders are listed
+  by its :func:`~aligntok.data.images.walk_images` (each real folder once, hidden files ignored).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +31,13 @@ import torch
 from numpy.lib import format as npy_format
 from PIL import Image
 
+from aligntok.data.images import IMAGE_EXTENSIONS, BadImageError, load_image, walk_images
 from aligntok.eval.provenance import sha256_file
+from aligntok.io import replace_atomically
 
-#: File endings read from image folders. Samples we write are always PNG; references (e.g. the
-#: ImageNet validation set) may legitimately be JPEG files as distributed.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: File endings read from image folders (the data layer's). Samples we write are always PNG;
+#: references (e.g. the ImageNet validation set) may legitimately be JPEG files as distributed.
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
 _IO_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while encoding/decoding
 
 
@@ -42,6 +49,41 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise ValueError("to_uint8: images contain NaN or inf values")
     return (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class PixelScaleWarning(UserWarning):
+    """Float images that look like [0, 1] pixels where [-1, 1] is expected."""
+
+
+#: How far a reference (ground-truth) float image may stray outside [-1, 1] (float rounding only).
+REFERENCE_RANGE_TOLERANCE = 1e-3
+#: A model output with no negative value and a maximum above this is [0, 255] pixels, not an overshoot.
+OUTPUT_SCALE_LIMIT = 2.0
+_SCALE_HINT = "metrics take uint8, or floats in [-1, 1] (from [0, 1]: x * 2 - 1; from [0, 255]: x / 127.5 - 1)"
+
+
+def check_pixel_scale(images: torch.Tensor, name: str, *, reference: bool) -> None:
+    """Refuse float images on the wrong scale in one line; warn on images that look like [0, 1].
+
+    uint8 passes. A ``reference`` (original) image must lie in [-1, 1] (within
+    :data:`REFERENCE_RANGE_TOLERANCE`); a model output may overshoot (it is clamped by
+    :func:`to_uint8`, as the protocol says), but one with no negative value and a maximum above
+    :data:`OUTPUT_SCALE_LIMIT` is [0, 255] pixels. A float batch with no value below 0 and none above 1
+    is [0, 1] pixels by all odds (natural images in [-1, 1] have dark pixels): a
+    :class:`PixelScaleWarning`, since such a batch is possible, merely unlikely.
+    """
+    if not torch.is_floating_point(images) or images.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(images.detach().float()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return  # to_uint8 names the non-finite values
+    if reference and (low < -1 - REFERENCE_RANGE_TOLERANCE or high > 1 + REFERENCE_RANGE_TOLERANCE):
+        raise ValueError(f"{name} are floats in [{low:.4g}, {high:.4g}], outside [-1, 1]; {_SCALE_HINT}")
+    if not reference and low >= 0 and high > OUTPUT_SCALE_LIMIT:
+        raise ValueError(f"{name} are floats in [{low:.4g}, {high:.4g}], [0, 255] pixels by their look; {_SCALE_HINT}")
+    if low >= 0 and high <= 1:
+        warnings.warn(f"{name} are floats in [{low:.4g}, {high:.4g}], which looks like [0, 1] pixels; {_SCALE_HINT}",
+                      PixelScaleWarning, stacklevel=3)
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -86,22 +128,23 @@ def _check_nhwc_uint8(images: np.ndarray, name: str) -> None:
 
 
 def save_png_folder(images: np.ndarray, folder: str | os.PathLike, start_index: int = 0) -> list[Path]:
-    """Write uint8 NHWC images as ``folder/000000.png, ...`` (lossless; never JPEG)."""
+    """Write uint8 NHWC images as ``folder/000000.png, ...`` (lossless; never JPEG; each file atomically)."""
     _check_nhwc_uint8(images, "images")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{start_index + i:06d}.png" for i in range(len(images))]
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-        list(pool.map(_write_png, images, paths))
+        list(pool.map(write_png, images, paths))
     return paths
 
 
-def _write_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path, format="PNG")
+def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """One uint8 HWC image as a PNG file, atomically (a kill never leaves a truncated PNG)."""
+    return replace_atomically(path, lambda staging: Image.fromarray(image).save(staging, format="PNG"))
 
 
 def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | None = None) -> Path:
-    """Write an ADM-style sample file: ``arr_0`` uint8 NHWC images, ``arr_1`` labels if given."""
+    """Write an ADM-style sample file (atomically): ``arr_0`` uint8 NHWC images, ``arr_1`` labels if given."""
     _check_nhwc_uint8(images, "images")
     arrays = [images]
     if labels is not None:
@@ -109,10 +152,18 @@ def save_npz(images: np.ndarray, path: str | os.PathLike, labels: np.ndarray | N
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         arrays.append(labels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, *arrays)
-    return path
+    return write_npz(path, *arrays)
+
+
+def write_npz(path: str | os.PathLike, *arrays: np.ndarray, **named: np.ndarray) -> Path:
+    """``np.savez`` (``.npz`` appended when missing, as numpy does) through an atomic replace."""
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+
+    def write(staging: Path) -> None:
+        with open(staging, "wb") as file:  # a file object: np.savez would append .npz to the staging name
+            np.savez(file, *arrays, **named)
+
+    return replace_atomically(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,27 +242,18 @@ def read_npz_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 
 
 def _open_folder(folder: Path) -> ImageSource:
-    files = tuple(sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+    files = tuple(sorted(Path(path) for path, _ in walk_images(str(folder))))
     if not files:
         raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    width, height = _image_size(files[0])
+    height, width = _decode_rgb(files[0]).shape[:2]
     return ImageSource(path=folder, kind="folder", num_images=len(files), height=height, width=width, files=files)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
 def _decode_rgb(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
+        # Any size: a folder of tiny samples is checked against its first image's size instead.
+        return np.asarray(load_image(path, min_side=1))
+    except BadImageError as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from None
 
 

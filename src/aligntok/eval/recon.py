@@ -4,8 +4,14 @@ Protocol (as tokenizer papers report them, e.g. VA-VAE / LightningDiT's evaluati
 is computed on uint8-quantised images, i.e. on the pixels a user would save. Both the original and
 the reconstruction go through :func:`aligntok.eval.to_uint8`; a uint8 original stays exact.
 
-* PSNR: 10 log10(255^2 / MSE) per image over all pixels and channels, then averaged over images
-  (identical images give inf).
+* PSNR: 10 log10(255^2 / MSE) per image over all pixels and channels, capped at
+  :data:`PSNR_MAX_DB` = 100 dB (equivalently, the MSE floored at 255^2 * 1e-10 = 6.5e-6), then
+  averaged over images. Uncapped, one exact reconstruction (MSE 0) makes the dataset mean infinite and
+  hides every other image. The cap also binds for near-exact images (one value off by one in a
+  256 x 256 image is 101 dB) and lies far above any tokenizer's PSNR (20-35 dB); exact
+  reconstructions are counted (``num_exact_images``).
+* Inputs: uint8, or floats in [-1, 1]. Originals outside [-1, 1] and outputs that look like [0, 255]
+  are refused, floats that look like [0, 1] warned about (:func:`aligntok.eval.images.check_pixel_scale`).
 * SSIM: Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, data
   range 255, averaged over the valid window positions (no padding, as in the authors' MATLAB code
   and scikit-image) and over channels, per image; computed in float64 by pytorch-msssim. Not
@@ -31,10 +37,12 @@ from torch import nn
 
 from aligntok.eval.features import FeatureNetwork, WeightsNotFoundError
 from aligntok.eval.fid import FeatureStats, frechet_distance
-from aligntok.eval.images import as_uint8, check_nchw_rgb, from_uint8
+from aligntok.eval.images import as_uint8, check_nchw_rgb, check_pixel_scale, from_uint8
 from aligntok.eval.provenance import sha256_file
 
 LPIPS_NETS = ("vgg", "alex")
+#: Per-image PSNR cap in dB (see the module doc): exact reconstructions score this, not inf.
+PSNR_MAX_DB = 100.0
 SSIM_WINDOW = 11
 _TORCHVISION_TRUNKS = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -50,17 +58,30 @@ def _paired_uint8(originals: torch.Tensor, reconstructions: torch.Tensor) -> tup
         raise ValueError(
             f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)} differ in shape"
         )
+    check_pixel_scale(originals, "originals", reference=True)
+    check_pixel_scale(reconstructions, "reconstructions", reference=False)
     return as_uint8(originals), as_uint8(reconstructions).to(originals.device)
 
 
-def psnr(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB (float64, shape (B,)) on uint8-quantised images; inf where identical.
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error (float64, (B,)) of uint8 images, in squared uint8 levels."""
+    return (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
 
-    Inputs: (B, 3, H, W) uint8, or float in [-1, 1] (quantised with :func:`to_uint8`).
+
+def _psnr_of_mse(mse: torch.Tensor, max_db: float | None) -> torch.Tensor:
+    value = 10.0 * torch.log10(255.0**2 / mse)  # mse == 0 gives +inf
+    return value if max_db is None else value.clamp(max=max_db)
+
+
+def psnr(originals: torch.Tensor, reconstructions: torch.Tensor, *, max_db: float | None = PSNR_MAX_DB) -> torch.Tensor:
+    """Per-image PSNR in dB (float64, shape (B,)) on uint8-quantised images, capped at ``max_db``.
+
+    Inputs: (B, 3, H, W) uint8, or float in [-1, 1] (quantised with :func:`to_uint8`); wrong-scale
+    floats are refused or warned about (see the module doc). Identical images score ``max_db``
+    (default :data:`PSNR_MAX_DB`), or inf with ``max_db=None``.
     """
     a, b = _paired_uint8(originals, reconstructions)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(255.0**2 / mse)  # mse == 0 gives +inf, as it should
+    return _psnr_of_mse(_mse(a, b), max_db)
 
 
 def ssim(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
@@ -201,14 +222,16 @@ class ReconMetrics:
         self.lpips = lpips
         self.inception = inception
         self.count = 0
-        self._sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+        self._sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "exact": 0.0}
         self.original_stats = FeatureStats()
         self.reconstruction_stats = FeatureStats()
 
     @torch.inference_mode()
     def update(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
         a, b = _paired_uint8(originals, reconstructions)
-        self._sums["psnr"] += psnr(a, b).sum().item()
+        mse = _mse(a, b)
+        self._sums["psnr"] += _psnr_of_mse(mse, PSNR_MAX_DB).sum().item()
+        self._sums["exact"] += (mse == 0).sum().item()
         self._sums["ssim"] += ssim(a, b).sum().item()
         if self.lpips is not None:
             self._sums["lpips"] += self.lpips(a, b).double().sum().item()
@@ -241,7 +264,9 @@ class ReconMetrics:
         )
 
     def compute(self) -> dict[str, Any]:
-        """{'psnr', 'ssim', 'lpips', 'rfid', 'num_images'} over all ranks (call on every rank under torchrun)."""
+        """{'psnr', 'ssim', 'lpips', 'rfid', 'num_images', 'num_exact_images'} over all ranks (call on every
+        rank under torchrun). ``psnr`` is the mean of per-image PSNRs capped at :data:`PSNR_MAX_DB`;
+        ``num_exact_images`` counts the uint8-identical reconstructions (each scored at the cap)."""
         count, sums, originals, reconstructions = self._across_ranks()
         if count == 0:
             raise ValueError("ReconMetrics.compute: no images were added")
@@ -251,6 +276,7 @@ class ReconMetrics:
             "lpips": sums["lpips"] / count if self.lpips is not None else None,
             "rfid": None,
             "num_images": count,
+            "num_exact_images": round(sums["exact"]),
         }
         if self.inception is not None:
             result["rfid"] = frechet_distance(originals.mean, originals.cov, reconstructions.mean, reconstructions.cov)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aligntok.io import write_text_atomically
+
 
 def read_log(path: str | Path) -> list[dict]:
     """The records of a trainer's ``log.jsonl`` (missing file: no records)."""
@@ -143,7 +145,4 @@ def write_report(path: str | Path, *, title: str, intro: str, sections: Sequence
                 f"<figure><img src='data:image/png;base64,{encoded}'><figcaption>{html.escape(caption)}</figcaption></figure>"
             )
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
-    return path
+    return write_text_atomically(path, "\n".join(parts))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.eval.report import Section, plot_curves, write_report
+from aligntok.io import replace_atomically
 
 _TABLE_COLUMNS = (  # (results key, column title)
     ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("perceptual", "perceptual (CNN)"), ("rfd", "rFD"),
@@ -40,7 +41,7 @@ def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) ->
         series = {METHOD_LABELS[m]: [(p["x"], p["mean"], p["std"]) for p in curves[key]]
                   for m, curves in results["curves"].items()}
         png = plot_curves(series, title=title, xlabel=xlabel, ylabel="gFD (evaluation CNN)", logx=logx)
-        (plots / f"{name}.png").write_bytes(png)
+        replace_atomically(plots / f"{name}.png", lambda staging, png=png: staging.write_bytes(png))
         figures.append((png, f"{title}; mean ± std over {len(rcfg.seeds)} seeds (plots/{name}.png)"))
 
     reach = results["steps_to_reach_vae_final_gfd"]

@@ -15,7 +15,8 @@ Layout under a run's ``out_dir``::
       latest                          name of the newest checkpoint (advanced after the rename)
 
 A checkpoint is written into ``.tmp_step_...``, every file is fsynced, the manifest is written last,
-and the directory is renamed atomically. Loading only ever considers directories whose manifest is
+and the directory is renamed atomically; a write that fails (e.g. a full disk) removes its temporary
+directory and raises, leaving every complete checkpoint as it was. Loading only ever considers directories whose manifest is
 present and whose files match it, so a run killed mid-write resumes from the previous checkpoint.
 Weights are safetensors; other state is ``torch.save``d plain tensors and numbers, read back with
 ``weights_only=True``.
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from aligntok.io import save_safetensors
 from aligntok.training import distributed
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         plain[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
         seen.add(storage)
-    save_file(plain, str(path))
-    _fsync_path(path)
+    save_safetensors(plain, path)  # fsynced; a full disk is an OSError, not safetensors' own error
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -300,9 +301,15 @@ def write_checkpoint(
             shutil.rmtree(temp)
         temp.mkdir()
     distributed.barrier()  # the temp directory exists for every rank
-    save_state(capture_rng_state(device), temp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        _write_payload(temp, payload)
+    try:
+        save_state(capture_rng_state(device), temp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            _write_payload(temp, payload)
+    except BaseException:
+        # A full disk or a failing device: give the space back; the complete checkpoints stay as they are.
+        if rank == 0:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
     distributed.barrier()  # every rank's files are written and fsynced
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(temp.iterdir())}

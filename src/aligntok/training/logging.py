@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from aligntok.config import ConfigError, config_to_dict
 from aligntok.io import write_text_atomically
+from aligntok.progress import progress_bar
 
 LOG_FILE = "log.jsonl"
 SKIPPED_IMAGES_FILE = "skipped_images.txt"
@@ -87,9 +88,7 @@ class RunLogger:
         require_backends(tensorboard, wandb)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(out_dir / LOG_FILE, "a", encoding="utf-8")
-        self._bar = tqdm(
-            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr
-        )
+        self._bar = progress_bar(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
