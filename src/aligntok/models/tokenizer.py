@@ -231,10 +231,19 @@ class LatentTokenizer(nn.Module):
 
         The directory's config.json names the tokenizer's method, which picks the class: an AlignTok
         directory gives an :class:`AlignTokTokenizer`, a baseline's a ``VAETokenizer``, whichever of these
-        classes this is called on.
+        classes this is called on. A diffusers ``AutoencoderKL`` directory, or hub id ``ORG/NAME[:SUBFOLDER]``
+        of one, gives a ``DiffusersVAETokenizer`` (:mod:`aligntok.models.diffusers_vae`).
         """
         directory = _resolve_directory(str(dir_or_hub_id))
+        if diffusers_class_name(directory) is not None:
+            from aligntok.models.diffusers_vae import DiffusersVAETokenizer  # here: that module imports this one
+
+            return DiffusersVAETokenizer.from_diffusers(directory, source=str(dir_or_hub_id)).to(map_location).eval()
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if (directory / "model_index.json").is_file():
+            raise TokenizerNotFoundError(
+                f"'{dir_or_hub_id}' is a diffusers pipeline: name its VAE, e.g. DIRECTORY/vae or HUB_ID:vae"
+            )
         if not config_path.is_file() or not weights_path.is_file():
             raise TokenizerNotFoundError(
                 f"'{directory}' is not a saved aligntok tokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
@@ -367,9 +376,14 @@ class AlignTokTokenizer(LatentTokenizer):
 
 def tokenizer_class(method: str) -> type[LatentTokenizer]:
     """The class that loads a config.json whose ``method`` is this: AlignTok's, or the baselines' VAE."""
-    from aligntok.models.baselines import VAETokenizer  # imported here: the baselines import this module
+    # Imported here: these modules import this one.
+    from aligntok.models.baselines import VAETokenizer
+    from aligntok.models.diffusers_vae import DiffusersVAETokenizer
 
-    classes: dict[str, type[LatentTokenizer]] = {ALIGNTOK_METHOD: AlignTokTokenizer, VAETokenizer.method: VAETokenizer}
+    classes: dict[str, type[LatentTokenizer]] = {
+        ALIGNTOK_METHOD: AlignTokTokenizer, VAETokenizer.method: VAETokenizer,
+        DiffusersVAETokenizer.method: DiffusersVAETokenizer,
+    }
     if method not in classes:
         raise TokenizerNotFoundError(
             f"unknown tokenizer method {method!r} in {CONFIG_NAME}; known: {', '.join(classes)}"
@@ -387,8 +401,30 @@ def _card_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def diffusers_class_name(directory: Path) -> str | None:
+    """The ``_class_name`` in a diffusers model directory's config.json (e.g. AutoencoderKL); None for anything else."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return document.get("_class_name") if isinstance(document, dict) else None
+
+
+def split_hub_source(name: str) -> tuple[str, str | None]:
+    """``ORG/NAME:SUBFOLDER`` -> (``ORG/NAME``, ``SUBFOLDER``); a plain hub id -> (id, None).
+
+    Hub ids cannot contain ':', so the colon names a folder inside the repository (e.g. a pipeline's ``vae``).
+    """
+    repo_id, colon, subfolder = name.partition(":")
+    return repo_id, (subfolder.strip("/") or None) if colon else None
+
+
 def _resolve_directory(name: str) -> Path:
-    """A local directory as is; a hub id through huggingface_hub's snapshot download (or its cache)."""
+    """A local directory as is; a hub id (``ORG/NAME[:SUBFOLDER]``) through huggingface_hub's snapshot download
+    (or its cache: offline with ``HF_HUB_OFFLINE=1``)."""
     local = Path(name).expanduser()
     if local.is_dir():
         return local
@@ -396,10 +432,15 @@ def _resolve_directory(name: str) -> Path:
         raise TokenizerNotFoundError(f"tokenizer directory '{name}' does not exist")
     from huggingface_hub import snapshot_download
 
+    repo_id, subfolder = split_hub_source(name)
     try:
-        return Path(snapshot_download(repo_id=name))
+        root = Path(snapshot_download(repo_id=repo_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None))
     except (OSError, ValueError):
         raise TokenizerNotFoundError(
             f"tokenizer '{name}' is neither a local directory nor downloadable (offline?): on a machine with "
-            f"internet run `hf download {name}` and copy the Hugging Face cache here, or pass a local directory"
+            f"internet run `hf download {repo_id}` and copy the Hugging Face cache here, or pass a local directory"
         ) from None
+    directory = root / subfolder if subfolder else root
+    if not directory.is_dir():
+        raise TokenizerNotFoundError(f"hub repository '{repo_id}' has no folder '{subfolder}'")
+    return directory
