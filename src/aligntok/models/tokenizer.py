@@ -320,7 +320,13 @@ class LatentTokenizer(nn.Module):
 
 
 class AlignTokTokenizer(LatentTokenizer):
-    """Foundation encoder + adapter + CNN decoder. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+    """Foundation encoder + adapter + CNN decoder (AlignTok, ICLR 2026). Build with :meth:`from_config` or :meth:`from_pretrained`.
+
+    ``encode``: images (B, 3, H, W) float in [-1, 1], H and W multiples of :attr:`stride` (16 by default) ->
+    latents (B, latent_channels, H / stride, W / stride); ``decode`` inverts it (images not clamped).
+    ``normalize_latents`` / ``denormalize_latents`` apply the per-channel statistics ``cache-latents``
+    records. Bad inputs raise a one-line ValueError; a missing directory a :class:`TokenizerNotFoundError`.
+    """
 
     method = ALIGNTOK_METHOD
     parts = ("encoder", "adapter", "decoder")
