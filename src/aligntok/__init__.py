@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_reconstruction": "aligntok.eval.commands",
     "evaluate_tokenizer_probe": "aligntok.eval.commands",
     "evaluate_generation": "aligntok.eval.generation",
+    "push_to_hub": "aligntok.publish",
     "load_config": "aligntok.config",
     "ConfigError": "aligntok.config",
 }

@@ -211,6 +211,31 @@ def _import_lightningdit(args: argparse.Namespace) -> None:
           f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size} latents")
 
 
+def _push_to_hub(args: argparse.Namespace) -> None:
+    from aligntok.publish import push_to_hub
+
+    url = push_to_hub(
+        args.directory, args.repo_id, config=args.config, metrics=args.metrics, license=args.license,
+        datasets=args.dataset or (), base_model=args.base_model, tags=args.tag or (), private=args.private or None,
+    )
+    print(f"pushed {args.directory} to {args.repo_id}: {url}")
+
+
+def _add_hub_parser(sub: argparse._SubParsersAction) -> None:
+    """`aligntok push-to-hub`."""
+    p = sub.add_parser("push-to-hub", help="upload a tokenizer or LightningDiT with a model card (config, metrics)")
+    p.add_argument("directory", type=Path, help="a saved tokenizer (e.g. RUN/stage3) or LightningDiT (RUN/model)")
+    p.add_argument("repo_id", help="Hub model repository, ORG/NAME (created if missing; log in with `hf auth login`)")
+    p.add_argument("--config", type=Path, help="training config YAML (default: config.yaml in the run folder, if any)")
+    p.add_argument("--metrics", type=Path, nargs="+", help="aligntok evaluate JSON files (default: DIR.eval-*.json)")
+    p.add_argument("--license", help="Hub license id (default apache-2.0; a wrapped diffusers VAE has its source's)")
+    p.add_argument("--dataset", action="append", help="Hub dataset id trained on (repeatable; the first indexes the metrics)")
+    p.add_argument("--base-model", help="hub id of the base model (default: the tokenizer's encoder or VAE)")
+    p.add_argument("--tag", action="append", help="extra card tag (repeatable)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=_push_to_hub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligntok",
@@ -237,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_diffusion_parsers(sub)
     _add_experiment_parsers(sub)
+    _add_hub_parser(sub)
     return parser
 
 

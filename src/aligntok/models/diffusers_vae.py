@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from aligntok.config import ConfigError, check_choice, config_from_dict
+from aligntok.hub import split_hub_source
+from aligntok.models.encoders import looks_like_local_path
 from aligntok.models.tokenizer import (
     LatentTokenizer,
     TokenizerNotFoundError,
@@ -152,6 +154,10 @@ class DiffusersVAETokenizer(LatentTokenizer):
     def _config_document(self) -> dict[str, Any]:
         vae_config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
         return {**super()._config_document(), "vae": {"class": DIFFUSERS_CLASS, "config": vae_config}}
+
+    def card_base_model(self) -> str | None:
+        source = self.config.source
+        return None if looks_like_local_path(source) or Path(source).exists() else split_hub_source(source)[0]
 
     def _card_summary(self) -> tuple[str, list[str], list[str]]:
         paragraph = [

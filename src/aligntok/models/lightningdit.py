@@ -444,8 +444,11 @@ class LightningDiT(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> LightningDiT:
-        """Load a directory written by :meth:`save_pretrained` (strict: every key must match)."""
-        directory = Path(directory)
+        """Load a directory written by :meth:`save_pretrained`, or a hub id ``ORG/NAME[:SUBFOLDER]`` of one (offline
+        from the local Hugging Face cache with ``HF_HUB_OFFLINE=1``). Strict: every key must match."""
+        from aligntok.hub import resolve_directory
+
+        directory = resolve_directory(str(directory), what="LightningDiT", error=ValueError)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():

@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from aligntok.config import ConfigError, check_choice, config_from_dict, config_to_dict
+from aligntok.hub import model_card, resolve_directory
 from aligntok.io import write_directory_atomically
 from aligntok.models.adapter import Adapter
 from aligntok.models.decoder import DecoderConfig, LatentDecoder
@@ -234,7 +235,7 @@ class LatentTokenizer(nn.Module):
         classes this is called on. A diffusers ``AutoencoderKL`` directory, or hub id ``ORG/NAME[:SUBFOLDER]``
         of one, gives a ``DiffusersVAETokenizer`` (:mod:`aligntok.models.diffusers_vae`).
         """
-        directory = _resolve_directory(str(dir_or_hub_id))
+        directory = resolve_directory(str(dir_or_hub_id), what="tokenizer", error=TokenizerNotFoundError)
         if diffusers_class_name(directory) is not None:
             from aligntok.models.diffusers_vae import DiffusersVAETokenizer  # here: that module imports this one
 
@@ -289,11 +290,6 @@ class LatentTokenizer(nn.Module):
         stats = "set (used by normalize_latents)" if self.config.latent_mean is not None else "not computed yet"
         title, paragraph, bullets = self._card_summary()
         lines = [
-            "---",
-            "library_name: aligntok",
-            "tags: [aligntok, image-tokenizer, latent-diffusion]",
-            "---",
-            "",
             f"# {title}",
             "",
             *paragraph,
@@ -316,7 +312,13 @@ class LatentTokenizer(nn.Module):
         if extra:
             lines += ["", "## Details", "", "| key | value |", "|---|---|"]
             lines += [f"| {key} | {_card_value(value)} |" for key, value in extra.items()]
-        return "\n".join(lines) + "\n"
+        tags = ["aligntok", "image-tokenizer", "latent-diffusion", self.method]
+        # No license here: the weights' sources decide it; push_to_hub sets one.
+        return model_card("\n".join(lines), tags=tags, license=None, base_model=self.card_base_model())
+
+    def card_base_model(self) -> str | None:
+        """The hub id of the model this tokenizer starts from, for the card's ``base_model`` (None: trained from scratch)."""
+        return None
 
 
 class AlignTokTokenizer(LatentTokenizer):
@@ -366,6 +368,10 @@ class AlignTokTokenizer(LatentTokenizer):
             **super()._config_document(),
             "encoder": {"kind": self.encoder.kind, "hf_config": self.encoder.hf_config.to_dict()},
         }
+
+    def card_base_model(self) -> str | None:
+        name = self.config.encoder
+        return None if name == RANDOM_ENCODER or ":" in name or looks_like_local_path(name) else name
 
     def _card_summary(self) -> tuple[str, list[str], list[str]]:
         paragraph = [
@@ -417,36 +423,3 @@ def diffusers_class_name(directory: Path) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return document.get("_class_name") if isinstance(document, dict) else None
-
-
-def split_hub_source(name: str) -> tuple[str, str | None]:
-    """``ORG/NAME:SUBFOLDER`` -> (``ORG/NAME``, ``SUBFOLDER``); a plain hub id -> (id, None).
-
-    Hub ids cannot contain ':', so the colon names a folder inside the repository (e.g. a pipeline's ``vae``).
-    """
-    repo_id, colon, subfolder = name.partition(":")
-    return repo_id, (subfolder.strip("/") or None) if colon else None
-
-
-def _resolve_directory(name: str) -> Path:
-    """A local directory as is; a hub id (``ORG/NAME[:SUBFOLDER]``) through huggingface_hub's snapshot download
-    (or its cache: offline with ``HF_HUB_OFFLINE=1``)."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    if looks_like_local_path(name):
-        raise TokenizerNotFoundError(f"tokenizer directory '{name}' does not exist")
-    from huggingface_hub import snapshot_download
-
-    repo_id, subfolder = split_hub_source(name)
-    try:
-        root = Path(snapshot_download(repo_id=repo_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None))
-    except (OSError, ValueError):
-        raise TokenizerNotFoundError(
-            f"tokenizer '{name}' is neither a local directory nor downloadable (offline?): on a machine with "
-            f"internet run `hf download {repo_id}` and copy the Hugging Face cache here, or pass a local directory"
-        ) from None
-    directory = root / subfolder if subfolder else root
-    if not directory.is_dir():
-        raise TokenizerNotFoundError(f"hub repository '{repo_id}' has no folder '{subfolder}'")
-    return directory
