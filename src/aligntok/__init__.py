@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "VAETokenizer": "aligntok.models.baselines",
     "VAEConfig": "aligntok.models.baselines",
     "DiffusersVAETokenizer": "aligntok.models.diffusers_vae",
+    "import_vavae_checkpoint": "aligntok.models.vavae_import",
     "LightningDiT": "aligntok.models.lightningdit",
     "LightningDiTConfig": "aligntok.models.lightningdit",
     "import_lightningdit_checkpoint": "aligntok.models.lightningdit",

@@ -211,6 +211,15 @@ def _import_lightningdit(args: argparse.Namespace) -> None:
           f"{model.config.in_channels}x{model.config.input_size}x{model.config.input_size} latents")
 
 
+def _import_vavae(args: argparse.Namespace) -> None:
+    from aligntok.models.vavae_import import import_vavae_checkpoint
+
+    vae = import_vavae_checkpoint(args.checkpoint, args.out, latent_stats=args.latent_stats, scaling_factor=args.scaling_factor)
+    stride = 2 ** (len(vae.config.block_out_channels) - 1)
+    print(f"wrote {args.out}: AutoencoderKL, {vae.config.latent_channels} latent channels at stride {stride}, "
+          f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters")
+
+
 def _push_to_hub(args: argparse.Namespace) -> None:
     from aligntok.publish import push_to_hub
 
@@ -329,6 +338,14 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (LightningDiT.save_pretrained format)")
     p.add_argument("--preset", default="LightningDiT-XL/1", help="size preset, LightningDiT-{S,B,L,XL,1p0B,1p6B}/{1,2}")
     p.set_defaults(func=_import_lightningdit)
+
+    p = sub.add_parser("import-vavae", help="convert a released VA-VAE (latent-diffusion) checkpoint into a tokenizer")
+    p.add_argument("checkpoint", type=Path, help="torch or safetensors file (a state_dict in LDM names)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (diffusers AutoencoderKL format)")
+    p.add_argument("--latent-stats", type=Path,
+                   help="LightningDiT's latents_stats.pt (mean/std per channel) or an aligntok cache.json")
+    p.add_argument("--scaling-factor", type=float, default=1.0, help="LightningDiT's latent_multiplier (VA-VAE: 1.0)")
+    p.set_defaults(func=_import_vavae)
 
 
 def main(argv: list[str] | None = None) -> int:
