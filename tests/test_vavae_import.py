@@ -146,6 +146,18 @@ def test_an_imported_checkpoint_encodes_and_decodes_as_the_original(tmp_path):
     assert vae.config.down_block_types[-1] == "AttnDownEncoderBlock2D" and vae.config.scaling_factor == 1.0
 
 
+def test_a_safetensors_checkpoint_imports_the_same(tmp_path):
+    from safetensors.torch import save_file
+
+    state = reference_checkpoint()
+    torch.save({"state_dict": state}, tmp_path / "vavae.pt")
+    save_file({f"first_stage_model.{k}": v for k, v in state.items()}, str(tmp_path / "vavae.safetensors"))
+    a = import_vavae_checkpoint(tmp_path / "vavae.pt", tmp_path / "a")
+    b = import_vavae_checkpoint(tmp_path / "vavae.safetensors", tmp_path / "b")
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value), key  # the same tensors, renamed the same way
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

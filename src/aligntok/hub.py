@@ -42,11 +42,11 @@ def resolve_directory(name: str, *, what: str, error: type[Exception] = FileNotF
     local = Path(name).expanduser()
     if local.is_dir():
         return local
-    if looks_like_local_path(name):
+    repo_id, subfolder = split_hub_source(name)
+    if looks_like_local_path(repo_id):
         raise error(f"{what} directory '{name}' does not exist")
     from huggingface_hub import snapshot_download
 
-    repo_id, subfolder = split_hub_source(name)
     try:
         root = Path(snapshot_download(repo_id=repo_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None))
     except (OSError, ValueError):
