@@ -30,6 +30,7 @@ SHRINK = {
                   "train.ckpt_every=2", "data.num_workers=0"],
     "sample": ["--num", "4", "--steps", "2", "--batch-size", "4"],
     "push-to-hub": [],
+    "export-pipeline": [],
 }
 # Runs the commands in one process (one import of torch and diffusers), the Hub upload recorded, not sent.
 RUNNER = """
@@ -76,7 +77,7 @@ def cache_repo(hf_home: Path, repo_id: str, vae: AutoencoderKL, subfolder: str =
 
 def test_the_coming_from_diffusers_commands_run(tmp_path):
     commands = readme_commands()
-    assert [c[0] for c in commands] == ["evaluate", "cache-latents", "train-dit", "sample", "push-to-hub"]
+    assert [c[0] for c in commands] == ["evaluate", "cache-latents", "train-dit", "sample", "push-to-hub", "export-pipeline"]
     hf_home = tmp_path / "hf"
     cache_repo(hf_home, "stabilityai/sd-vae-ft-ema", tiny_vae(4, 0))
     cache_repo(hf_home, "black-forest-labs/FLUX.1-schnell", tiny_vae(16, 1, scaling_factor=0.3611, shift_factor=0.1159), "vae")
@@ -96,3 +97,5 @@ def test_the_coming_from_diffusers_commands_run(tmp_path):
         assert npz["arr_0"].shape == (4, 256, 256, 3)
     card = ModelCard.load(tmp_path / "uploaded" / "README.md").data
     assert card.base_model == "stabilityai/sd-vae-ft-ema" and card.datasets == ["ILSVRC/imagenet-1k"]
+    index = json.loads((tmp_path / "pipelines" / "sdvae" / "model_index.json").read_text())
+    assert set(index) >= {"transformer", "vae", "scheduler"}

@@ -220,6 +220,14 @@ def _import_vavae(args: argparse.Namespace) -> None:
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters")
 
 
+def _export_pipeline(args: argparse.Namespace) -> None:
+    from aligntok.pipelines import AlignTokClassPipeline
+
+    AlignTokClassPipeline.from_aligntok(args.dit, args.tokenizer, timestep_shift=args.shift).save_pretrained(args.out)
+    print(f"wrote {args.out}: AlignTokClassPipeline.from_pretrained (or DiffusionPipeline.from_pretrained with "
+          "trust_remote_code=True) loads it")
+
+
 def _push_to_hub(args: argparse.Namespace) -> None:
     from aligntok.publish import push_to_hub
 
@@ -243,6 +251,13 @@ def _add_hub_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", action="append", help="extra card tag (repeatable)")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.set_defaults(func=_push_to_hub)
+
+    p = sub.add_parser("export-pipeline", help="save a DiT and its tokenizer as a diffusers pipeline directory")
+    p.add_argument("--dit", required=True, help="LightningDiT directory or hub id")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer the DiT was trained on (directory, hub id, VAE)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (diffusers pipeline layout)")
+    p.add_argument("--shift", type=float, default=0.3, help="aligntok's timestep shift s (0 or 1 = none)")
+    p.set_defaults(func=_export_pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
