@@ -105,16 +105,22 @@ class AlignTokClassPipeline(DiffusionPipeline):
     def from_aligntok(cls, dit: Any, tokenizer: Any, *, timestep_shift: float = 0.3) -> AlignTokClassPipeline:
         """From a LightningDiT and the tokenizer it was trained on (models, directories or hub ids).
 
-        The tokenizer's latent statistics de-normalise the samples; ``timestep_shift`` is aligntok's (0.3).
+        The samples are de-normalised with the statistics the DiT records, else the tokenizer's (kept in the
+        pipeline's tokenizer); ``timestep_shift`` is aligntok's (0.3).
         Raises ValueError when they do not fit together or the tokenizer has no statistics.
         """
         dit = dit if isinstance(dit, LightningDiT) else LightningDiT.from_pretrained(dit)
         tok = tokenizer if isinstance(tokenizer, LatentTokenizer) else LatentTokenizer.from_pretrained(tokenizer)
         if dit.config.in_channels != tok.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.in_channels}-channel latents, the tokenizer has {tok.latent_channels}")
-        if tok.config.latent_mean is None:
+        vae = TokenizerModel.from_tokenizer(tok)
+        # A DiT that records the statistics it was trained with is de-normalised with those (aligntok sample does too).
+        recorded = getattr(dit, "latent_stats", None)
+        if recorded is not None:
+            vae.tokenizer.set_latent_stats(recorded["mean"], recorded["std"])
+        if vae.tokenizer.config.latent_mean is None:
             raise ValueError("the tokenizer has no latent statistics to de-normalise with (run aligntok cache-latents)")
-        return cls(LightningDiTTransformer.from_lightningdit(dit), TokenizerModel.from_tokenizer(tok), flow_match_scheduler(timestep_shift))
+        return cls(LightningDiTTransformer.from_lightningdit(dit), vae, flow_match_scheduler(timestep_shift))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' save_pretrained, plus a one-line module naming this class, so that
