@@ -138,12 +138,10 @@ def _unit_batches(dataset: Dataset, unit: _Unit, batch_size: int, num_workers: i
         yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
         return
     # A tar is read once, in file order, decoding with the dataset's own decoder (no flip, epoch 0).
-    from aligntok.data.shards import _read_shard
-
     assert isinstance(dataset, ShardDataset)
     pending: list[dict] = []
     skipped: list[str] = []
-    for position, raw in enumerate(_read_shard(unit.tar)):
+    for position, raw in enumerate(dataset.read_raw(unit.tar)):
         decoded = dataset._decode(raw, 0)
         if isinstance(decoded, str):
             skipped.append(decoded)
