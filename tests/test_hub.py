@@ -113,11 +113,28 @@ def test_a_wrapped_diffusers_vae_names_its_source_and_claims_no_license(tmp_path
     assert {"diffusers-vae", "flux"} <= set(data.tags)
 
 
+def test_push_a_class_to_image_pipeline_as_a_diffusers_repository(tmp_path, hub):
+    from aligntok.pipelines import AlignTokClassPipeline
+
+    tok = tiny_tokenizer()
+    tok.set_latent_stats([0.0] * 4, [1.0] * 4)
+    (tmp_path / "pipe.eval-gen.json").write_text(json.dumps({"fid": 3.5}))
+    AlignTokClassPipeline.from_aligntok(tiny_dit(), tok).save_pretrained(tmp_path / "pipe")
+    push_to_hub(tmp_path / "pipe", "me/pipe", datasets=["ILSVRC/imagenet-1k"])
+    folder = hub[1]["folder"]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "apache-2.0"
+    assert {"aligntok", "lightningdit"} <= set(card.data.tags) and "trust_remote_code=True" in card.text
+    assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 3.5
+    assert {"model_index.json", "aligntok_pipeline.py", "transformer", "vae", "scheduler", "eval"} <= {p.name for p in folder.iterdir()}
+    assert isinstance(AlignTokClassPipeline.from_pretrained(folder), AlignTokClassPipeline)
+
+
 def test_pushing_something_else_is_a_one_line_error(tmp_path, hub, capsys):
     (tmp_path / "x").mkdir()
     assert main(["push-to-hub", str(tmp_path / "x"), "me/x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is not a saved aligntok tokenizer or LightningDiT" in err and "\n" not in err
+    assert "is not a saved aligntok tokenizer, LightningDiT or AlignTokClassPipeline" in err and "\n" not in err
     assert hub == []
 
 

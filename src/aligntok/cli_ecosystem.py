@@ -36,8 +36,8 @@ def _push_to_hub(args: argparse.Namespace) -> None:
 
 def add_ecosystem_parsers(sub: argparse._SubParsersAction) -> None:
     """`aligntok import-vavae`, `export-pipeline` and `push-to-hub`."""
-    p = sub.add_parser("push-to-hub", help="upload a tokenizer or LightningDiT with a model card (config, metrics)")
-    p.add_argument("directory", type=Path, help="a saved tokenizer (e.g. RUN/stage3) or LightningDiT (RUN/model)")
+    p = sub.add_parser("push-to-hub", help="upload a tokenizer, LightningDiT or pipeline with a model card (config, metrics)")
+    p.add_argument("directory", type=Path, help="a saved tokenizer (RUN/stage3), LightningDiT (RUN/model) or export-pipeline output")
     p.add_argument("repo_id", help="Hub model repository, ORG/NAME (created if missing; log in with `hf auth login`)")
     p.add_argument("--config", type=Path, help="training config YAML (default: config.yaml in the run folder, if any)")
     p.add_argument("--metrics", type=Path, nargs="+", help="aligntok evaluate JSON files (default: DIR.eval-*.json)")

@@ -69,8 +69,10 @@ def model_card(
     base_model: str | Sequence[str] | None = None,
     eval_results: Sequence[Any] = (),
     model_name: str | None = None,
+    library_name: str = LIBRARY_NAME,
 ) -> str:
-    """README.md text: YAML front matter the Hub reads (``library_name: aligntok`` and the given fields), then ``body``.
+    """README.md text: YAML front matter the Hub reads (``library_name``, aligntok by default, and the given
+    fields), then ``body``.
 
     ``eval_results``: huggingface_hub ``EvalResult``s, written as the card's ``model-index`` (they need
     ``model_name``).
@@ -78,7 +80,7 @@ def model_card(
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
-        library_name=LIBRARY_NAME, license=license, tags=list(dict.fromkeys(tags)), datasets=list(datasets) or None,
+        library_name=library_name, license=license, tags=list(dict.fromkeys(tags)), datasets=list(datasets) or None,
         base_model=base_model or None, eval_results=list(eval_results) or None,
         model_name=model_name if eval_results else None,
     )

@@ -25,9 +25,13 @@ from typing import Any
 
 import yaml
 
-from aligntok.hub import CARD_NAME, DEFAULT_LICENSE, card_body, model_card, upload_directory
+from aligntok.hub import CARD_NAME, DEFAULT_LICENSE, LIBRARY_NAME, card_body, model_card, upload_directory
 from aligntok.models.lightningdit import FORMAT_NAME as DIT_FORMAT
 from aligntok.models.tokenizer import FORMAT_NAME as TOKENIZER_FORMAT
+from aligntok.pipelines import PIPELINE_MODULE, AlignTokClassPipeline
+
+PIPELINE_FORMAT = "aligntok-class-pipeline"  # what _read_document reports for an AlignTokClassPipeline directory
+DIT_TAGS = ["aligntok", "lightningdit", "class-conditional"]
 
 CONFIG_FILE = "training_config.yaml"
 EVAL_DIR = "eval"
@@ -54,7 +58,7 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload with aligntok",
 ) -> str:
-    """Upload a tokenizer or LightningDiT (a loaded model, or a directory saved by either) to ``repo_id``.
+    """Upload a tokenizer, LightningDiT or AlignTokClassPipeline (loaded, or a directory saved by one) to ``repo_id``.
 
     ``config``: the training config (a YAML file or a mapping; default: ``config.yaml`` in the directory's
     parent, the run folder, if there). ``metrics``: ``aligntok evaluate`` JSON files (default: the
@@ -62,7 +66,8 @@ def push_to_hub(
     apache-2.0, aligntok's, except for a wrapped diffusers VAE, whose source's license applies: name it).
     ``datasets``: Hub dataset ids the model was trained on (e.g. ``ILSVRC/imagenet-1k``); the metrics
     enter the card's model-index on the first. ``base_model``: default the tokenizer's encoder or VAE hub id.
-    Returns the commit URL. Raises ValueError (one line) for a directory that is neither model.
+    A pipeline's card names ``library_name: diffusers``. Returns the commit URL. Raises ValueError (one
+    line) for a directory that is none of these.
     """
     with tempfile.TemporaryDirectory(prefix="aligntok-push-") as tmp:
         if isinstance(model_or_directory, (str, os.PathLike)):
@@ -75,17 +80,20 @@ def push_to_hub(
         metric_files = _metric_files(metrics, directory, saved=isinstance(model_or_directory, (str, os.PathLike)))
         results = {path.stem: json.loads(path.read_text()) for path in metric_files}
 
+        library = LIBRARY_NAME
         if document.get("format") == TOKENIZER_FORMAT:
             card, defaults = _tokenizer_card(directory, document)
+        elif document.get("format") == PIPELINE_FORMAT:
+            card, defaults, library = _pipeline_card(document), {"tags": [*DIT_TAGS, "aligntok"], "base_model": None}, "diffusers"
         else:
-            card, defaults = _dit_card(document), {"tags": ["aligntok", "lightningdit", "class-conditional"], "base_model": None}
+            card, defaults = _dit_card(document), {"tags": DIT_TAGS, "base_model": None}
         if license is None and document.get("method") != "diffusers-vae":
             license = DEFAULT_LICENSE
         body = card + _config_section(run_config) + _metrics_section(results)
         readme = model_card(
             body, tags=[*defaults["tags"], *tags], license=license, datasets=datasets,
             base_model=base_model or defaults["base_model"], model_name=repo_id.split("/")[-1],
-            eval_results=_eval_results(results, datasets[0]) if datasets else (),
+            eval_results=_eval_results(results, datasets[0]) if datasets else (), library_name=library,
         )
 
         staging = Path(tmp) / "upload"
@@ -100,14 +108,25 @@ def push_to_hub(
 
 
 def _read_document(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        document = None
+    """The directory's config.json; for an AlignTokClassPipeline, its transformer's (format PIPELINE_FORMAT)."""
+    pipeline = _read_json(directory / "model_index.json")
+    if isinstance(pipeline, dict) and pipeline.get("_class_name") == [PIPELINE_MODULE, AlignTokClassPipeline.__name__]:
+        transformer = _read_json(directory / "transformer" / "config.json") or {}
+        return {"format": PIPELINE_FORMAT, "config": transformer.get("dit_config", {})}
+    document = _read_json(directory / "config.json")
     if not isinstance(document, dict) or document.get("format") not in (TOKENIZER_FORMAT, DIT_FORMAT):
-        raise ValueError(f"'{directory}' is not a saved aligntok tokenizer or LightningDiT (no config.json of either)")
+        raise ValueError(
+            f"'{directory}' is not a saved aligntok tokenizer, LightningDiT or AlignTokClassPipeline "
+            "(no config.json or model_index.json of one)"
+        )
     return document
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _training_config(given: Any, directory: Path, *, saved: bool) -> dict[str, Any] | None:
@@ -149,17 +168,43 @@ def _tokenizer_card(directory: Path, document: dict[str, Any]) -> tuple[str, dic
     return card_body(readme.read_text()), {"tags": tags, "base_model": data.base_model}
 
 
+def _dit_summary(c: dict[str, Any]) -> list[str]:
+    return [
+        f"- Latents: {c['in_channels']}x{c['input_size']}x{c['input_size']}; patch {c['patch_size']}.",
+        f"- Transformer: depth {c['depth']}, width {c['hidden_size']}, {c['num_heads']} heads; "
+        f"{c['num_classes']} classes (label {c['num_classes']} = unconditional, for guidance).",
+    ]
+
+
+def _pipeline_card(document: dict[str, Any]) -> str:
+    return "\n".join([
+        "# AlignTok class-to-image pipeline",
+        "",
+        "A diffusers pipeline made by `aligntok export-pipeline`: a LightningDiT trained with rectified flow on an",
+        "image tokenizer's latents, that tokenizer, and diffusers' `FlowMatchEulerDiscreteScheduler` on aligntok's",
+        "time grid. Needs `pip install aligntok` (the pipeline's classes live there).",
+        "",
+        *_dit_summary(document["config"]),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("<this hub id>", trust_remote_code=True)  # or AlignTokClassPipeline',
+        "images = pipe(class_labels=[207, 360], num_inference_steps=250, guidance_scale=4.0).images",
+        "```",
+    ])
+
+
 def _dit_card(document: dict[str, Any]) -> str:
-    c = document["config"]
     return "\n".join([
         "# LightningDiT (aligntok)",
         "",
         "A class-conditional LightningDiT (SwiGLU, RoPE, RMSNorm) trained with rectified flow on an image",
         "tokenizer's normalised latents by aligntok. Sample it with the tokenizer it was trained on.",
         "",
-        f"- Latents: {c['in_channels']}x{c['input_size']}x{c['input_size']}; patch {c['patch_size']}.",
-        f"- Transformer: depth {c['depth']}, width {c['hidden_size']}, {c['num_heads']} heads; "
-        f"{c['num_classes']} classes (label {c['num_classes']} = unconditional, for guidance).",
+        *_dit_summary(document["config"]),
         "",
         "## Usage",
         "",
