@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 from aligntok.cli import main
 from aligntok.eval.provenance import sha256_file
 from aligntok.models.diffusers_vae import DiffusersVAETokenizer, config_latent_stats
-from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerNotFoundError
+from aligntok.models.tokenizer import (
+    AlignTokTokenizer,
+    LatentTokenizer,
+    TokenizerNotFoundError,
+)
 
 DIT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dit" / "tiny.yaml"
 

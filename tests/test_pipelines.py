@@ -9,10 +9,19 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from aligntok.cli import main
 from aligntok.diffusion.samplers import SamplerConfig, timestep_grid
-from aligntok.diffusion.sampling import SampleConfig, sample_generator, sample_to_directory
+from aligntok.diffusion.sampling import (
+    SampleConfig,
+    sample_generator,
+    sample_to_directory,
+)
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
-from aligntok.pipelines import PIPELINE_MODULE, AlignTokClassPipeline, flow_match_scheduler, flow_match_sigmas
+from aligntok.pipelines import (
+    PIPELINE_MODULE,
+    AlignTokClassPipeline,
+    flow_match_scheduler,
+    flow_match_sigmas,
+)
 
 NUM_CLASSES = 3
 

@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    ImagePipelineOutput,
+    ModelMixin,
+)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from aligntok.config import config_from_dict, config_to_dict

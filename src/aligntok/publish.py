@@ -25,7 +25,14 @@ from typing import Any
 
 import yaml
 
-from aligntok.hub import CARD_NAME, DEFAULT_LICENSE, LIBRARY_NAME, card_body, model_card, upload_directory
+from aligntok.hub import (
+    CARD_NAME,
+    DEFAULT_LICENSE,
+    LIBRARY_NAME,
+    card_body,
+    model_card,
+    upload_directory,
+)
 from aligntok.models.lightningdit import FORMAT_NAME as DIT_FORMAT
 from aligntok.models.tokenizer import FORMAT_NAME as TOKENIZER_FORMAT
 from aligntok.pipelines import PIPELINE_MODULE, AlignTokClassPipeline
@@ -171,8 +178,10 @@ def _tokenizer_card(directory: Path, document: dict[str, Any]) -> tuple[str, dic
 def _dit_summary(c: dict[str, Any]) -> list[str]:
     return [
         f"- Latents: {c['in_channels']}x{c['input_size']}x{c['input_size']}; patch {c['patch_size']}.",
-        f"- Transformer: depth {c['depth']}, width {c['hidden_size']}, {c['num_heads']} heads; "
-        f"{c['num_classes']} classes (label {c['num_classes']} = unconditional, for guidance).",
+        (
+            f"- Transformer: depth {c['depth']}, width {c['hidden_size']}, {c['num_heads']} heads; "
+            f"{c['num_classes']} classes (label {c['num_classes']} = unconditional, for guidance)."
+        ),
     ]
 
 

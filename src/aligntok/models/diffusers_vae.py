@@ -166,7 +166,9 @@ class DiffusersVAETokenizer(LatentTokenizer):
         ]
         bullets = [
             f"- Source: `{self.config.source}`; `encode` returns the posterior {self.config.posterior}.",
-            f"- Config normalisation: scaling_factor={self.vae.config.scaling_factor}, "
-            f"shift_factor={self.vae.config.shift_factor}.",
+            (
+                f"- Config normalisation: scaling_factor={self.vae.config.scaling_factor}, "
+                f"shift_factor={self.vae.config.shift_factor}."
+            ),
         ]
         return f"{DIFFUSERS_CLASS} tokenizer ({self.config.source})", paragraph, bullets

@@ -110,7 +110,10 @@ def diffusers_config_from_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, An
 def convert_ldm_vae(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """An LDM VAE state dict renamed (and attention convolutions reshaped) for diffusers' AutoencoderKL."""
     try:
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, update_vae_attentions_ldm_to_diffusers
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_vae_checkpoint,
+            update_vae_attentions_ldm_to_diffusers,
+        )
     except ImportError as e:  # the converter is diffusers' single-file loader's; name what is missing
         raise ValueError(f"this diffusers version lacks its LDM VAE converter ({e}); install diffusers>=0.31") from None
     level_attention = re.compile(r"(encoder\.down|decoder\.up)\.(\d+)\.attn\.")
