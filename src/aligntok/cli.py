@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aligntok import __version__
+from aligntok.cli_ecosystem import add_ecosystem_parsers
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
@@ -164,7 +165,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     if is_main():
         meta = result.metadata
         print(f"cached {meta['num_images']} images ({meta['skipped_images']} skipped) in {result.directory}; "
-              f"latent mean/std recorded in {args.tokenizer}")
+              f"latent mean/std recorded in {meta['tokenizer']}")
     destroy_distributed()
 
 
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_diffusion_parsers(sub)
     _add_experiment_parsers(sub)
+    add_ecosystem_parsers(sub)
     return parser
 
 
@@ -282,7 +284,9 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     by SamplerConfig and the importer, which name the valid choices in their one-line errors.
     """
     p = sub.add_parser("cache-latents", help="encode a dataset once (plain and flipped) and record latent statistics")
-    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory (its config gets the mean/std)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer directory (its config gets the mean/std), or a hub id / diffusers AutoencoderKL "
+                        "(ORG/NAME[:SUBFOLDER]; its aligntok copy OUT/tokenizer gets them)")
     p.add_argument("--data", required=True, help="data spec: image folder, shards, or builtin:NAME")
     p.add_argument("--out", type=Path, required=True, help="cache directory; re-running with it resumes")
     p.add_argument("--resolution", type=int, default=256, help="ADM center-crop side in pixels")

@@ -4,7 +4,8 @@ Data specs (one string, used everywhere a command takes data):
 
 - ``builtin:NAME``: a built-in synthetic dataset generated on the fly (``builtin:shapes``);
 - a folder of images: one subfolder per class (sorted, labels 0..K-1, as ImageNet) or flat (label -1);
-- WebDataset shards: ``dir/{000000..000127}.tar`` or a single ``.tar`` path.
+- WebDataset shards: ``dir/{000000..000127}.tar`` or a single ``.tar`` path;
+- ``hf:NAME[:SPLIT]``: a Hugging Face dataset's parquet files (Hub id or local copy), streamed as shards.
 
 Samples are dicts: ``image`` float32 (3, R, R) in [-1, 1], ``label`` int (-1 unknown), ``caption``
 str, ``index`` int (-1 for shards) and ``skipped`` (``"path: reason"`` for each bad file replaced to
@@ -56,11 +57,15 @@ def build_dataset(
             raise ValueError(f"unknown built-in dataset {spec!r}; available: "
                              f"{', '.join(_BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)}")
         return BUILTIN_DATASETS[name](builtin_size, resolution, hflip=hflip, seed=seed)
+    if spec.startswith("hf:"):
+        from aligntok.data.parquet import HubDataset  # pyarrow only when asked for
+
+        return HubDataset(spec, resolution, hflip=hflip, seed=seed)
     if is_shard_spec(spec):
         return ShardDataset(spec, resolution, hflip=hflip, seed=seed)
     if os.path.isdir(spec):
         return ImageFolderDataset(spec, resolution, hflip=hflip, seed=seed)
     raise ValueError(
         f"data spec {spec!r} is none of: builtin:NAME ({', '.join(BUILTIN_DATASETS)}), an existing folder "
-        "of images, WebDataset shards 'dir/{000000..000099}.tar' or a .tar path"
+        "of images, WebDataset shards 'dir/{000000..000099}.tar', a .tar path or hf:DATASET[:SPLIT]"
     )

@@ -51,6 +51,7 @@ FORMAT_NAME = "aligntok-latent-cache"
 CACHE_FILE = "cache.json"
 PLAN_FILE = "plan.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+TOKENIZER_COPY = "tokenizer"  # the aligntok copy of a tokenizer given as a hub id or diffusers VAE
 MAX_LISTED_SKIPS = 1000  # skipped files named in cache.json (all are counted)
 
 
@@ -137,12 +138,10 @@ def _unit_batches(dataset: Dataset, unit: _Unit, batch_size: int, num_workers: i
         yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
         return
     # A tar is read once, in file order, decoding with the dataset's own decoder (no flip, epoch 0).
-    from aligntok.data.shards import _read_shard
-
     assert isinstance(dataset, ShardDataset)
     pending: list[dict] = []
     skipped: list[str] = []
-    for position, raw in enumerate(_read_shard(unit.tar)):
+    for position, raw in enumerate(dataset.read_raw(unit.tar)):
         decoded = dataset._decode(raw, 0)
         if isinstance(decoded, str):
             skipped.append(decoded)
@@ -274,7 +273,9 @@ def cache_latents(
 
     Resumable (finished shards are kept), distributed under torchrun (ranks take disjoint shards), and
     the per-channel latent mean and std end up in ``cache.json`` and in the tokenizer's own config.
-    ``tokenizer_dir`` must be a local tokenizer directory, since it is updated with the statistics.
+    ``tokenizer_dir`` is a local aligntok tokenizer directory, which is updated with the statistics, or
+    any other tokenizer source (a hub id, a diffusers AutoencoderKL): its aligntok copy is saved as
+    ``out_dir/tokenizer`` and gets the statistics (use that copy to sample from a DiT trained on the cache).
     """
     from aligntok import __version__
     from aligntok.eval.provenance import sha256_file
@@ -284,13 +285,11 @@ def cache_latents(
 
     if batch_size < 1 or shard_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1, shard_size >= 1, num_workers >= 0 (got {batch_size}, {shard_size}, {num_workers})")
-    tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / CONFIG_NAME).is_file() or not (tokenizer_dir / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"{tokenizer_dir} is not a local tokenizer directory ({CONFIG_NAME} + {WEIGHTS_NAME}); cache-latents "
-            "writes the latent statistics into it, so download a hub tokenizer to a directory first"
-        )
+    out = Path(out_dir)
     dist = distributed.init_distributed()
+    source = str(tokenizer_dir)
+    tokenizer_dir, copied = _collective(dist, lambda: _writable_tokenizer(source, out))
+    tokenizer_dir = Path(tokenizer_dir)
     tokenizer = AlignTokTokenizer.from_pretrained(tokenizer_dir, map_location=dist.device).eval()
     if resolution <= 0 or resolution % tokenizer.stride:
         raise ValueError(f"--resolution {resolution} is not a positive multiple of the tokenizer's stride {tokenizer.stride}")
@@ -300,10 +299,10 @@ def cache_latents(
     units = _plan_units(dataset, shard_size)
     if not units:
         raise ValueError(f"data {data!r} holds no images")
-    out = Path(out_dir)
     plan = {
         "format": FORMAT_NAME,
         "tokenizer_sha256": None,  # filled on rank 0 (one read of the weights)
+        **({"tokenizer_source": source} if copied else {}),
         "data": _resolved_spec(data),
         "resolution": resolution,
         "builtin_size": builtin_size if data.startswith("builtin:") else None,
@@ -365,6 +364,24 @@ def cache_latents(
             out, metadata["num_images"], metadata["skipped_images"], tokenizer_dir,
         )
     return CacheResult(out, metadata, written)
+
+
+def _writable_tokenizer(source: str, out: Path) -> tuple[str, bool]:
+    """The local aligntok tokenizer directory that records the statistics, and whether it is a copy.
+
+    A local aligntok directory is used as is. Anything else ``from_pretrained`` loads (a hub id, a diffusers
+    AutoencoderKL directory) is not ours to write: its aligntok copy ``out/tokenizer`` is made once and
+    reused by re-runs (plan.json's ``tokenizer_source`` keeps a re-run from pairing it with another source).
+    """
+    from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, LatentTokenizer, diffusers_class_name
+
+    path = Path(source).expanduser()
+    if (path / WEIGHTS_NAME).is_file() and diffusers_class_name(path) is None and (path / CONFIG_NAME).is_file():
+        return str(path), False
+    copy = out / TOKENIZER_COPY
+    if not (copy / WEIGHTS_NAME).is_file():
+        LatentTokenizer.from_pretrained(source).save_pretrained(copy, card_extra={"copied from": source})
+    return str(copy), True
 
 
 def _unit_size(dataset: Dataset, unit: _Unit) -> int:

@@ -236,6 +236,10 @@ class ShardDataset(IterableDataset):
 
     # -- the raw (undecoded) stream of one reader ----------------------------------------------
 
+    def read_raw(self, path: str) -> Iterator[dict]:
+        """Raw samples of one shard in file order (other shard formats override this)."""
+        return _read_shard(path)
+
     def _assignment(self, reader: int, readers: int) -> tuple[list[str], int, int, int]:
         """(shards, group id, slot, sharers): which shards a reader reads and which samples it keeps."""
         if len(self.shards) >= readers:
@@ -247,7 +251,7 @@ class ShardDataset(IterableDataset):
         rng = _rng(order_seed, group, epoch)
         buffer: list[dict] = []
         for shard_number in rng.permutation(len(shards)):
-            for raw in _read_shard(shards[shard_number]):
+            for raw in self.read_raw(shards[shard_number]):
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
                     continue

@@ -228,6 +228,8 @@ def sample_to_directory(
     """Sample ``config.num`` images from the DiT in ``dit`` and decode them with ``tokenizer`` into ``out_dir``.
 
     Runs as one process or under torchrun (every rank calls it); see the module doc for the outputs.
+    ``tokenizer`` is any tokenizer source (directory, hub id, diffusers AutoencoderKL). Raises a one-line
+    ValueError when the DiT and tokenizer do not fit together or the tokenizer has no latent statistics.
     """
     from PIL import Image
 

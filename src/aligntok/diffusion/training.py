@@ -184,7 +184,11 @@ def _per_channel(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
-    """Train (or resume) a LightningDiT in ``run_dir/train`` and export it to ``run_dir/model``."""
+    """Train (or resume) a LightningDiT in ``run_dir/train`` and export it to ``run_dir/model``; returns the latter.
+
+    Call on every rank under torchrun. Raises a one-line :class:`ConfigError` when the model does not fit
+    the latents (channels, side, classes) and ValueError for data without labels or statistics.
+    """
     from aligntok.data import build_dataset, build_loader
     from aligntok.data.latents import LatentDataset
     from aligntok.models.lightningdit import build_from_state_dict

@@ -252,9 +252,12 @@ def describe_tokenizer(tokenizer: TokenizerSource, model: nn.Module) -> dict[str
         "weights": None,
         "weights_sha256": None,
     }
-    if not isinstance(tokenizer, nn.Module) and (Path(tokenizer) / WEIGHTS_NAME).is_file():
-        weights = Path(tokenizer) / WEIGHTS_NAME
-        info["weights"], info["weights_sha256"] = str(weights), sha256_file(weights)
+    # aligntok's weights file, or a diffusers AutoencoderKL directory's.
+    for name in (WEIGHTS_NAME, "diffusion_pytorch_model.safetensors"):
+        if not isinstance(tokenizer, nn.Module) and (Path(tokenizer) / name).is_file():
+            weights = Path(tokenizer) / name
+            info["weights"], info["weights_sha256"] = str(weights), sha256_file(weights)
+            break
     return info
 
 

@@ -455,9 +455,12 @@ class LightningDiT(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> LightningDiT:
-        """Load a directory written by :meth:`save_pretrained` (strict: every key must match), with the
-        latent statistics and sampler settings recorded beside the weights."""
-        directory = Path(directory)
+        """Load a directory written by :meth:`save_pretrained`, or a hub id ``ORG/NAME[:SUBFOLDER]`` of one (offline
+        from the local Hugging Face cache with ``HF_HUB_OFFLINE=1``), with the latent statistics and sampler
+        settings recorded beside the weights. Strict: every key must match."""
+        from aligntok.hub import resolve_directory
+
+        directory = resolve_directory(str(directory), what="LightningDiT", error=ValueError)
         weights_path = directory / WEIGHTS_FILE
         document = read_pretrained_document(directory)
         if not weights_path.is_file():
@@ -470,12 +473,14 @@ class LightningDiT(nn.Module):
 
 
 def read_pretrained_document(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed config.json of a :meth:`LightningDiT.save_pretrained` directory (no weights are read).
+    """The parsed config.json of a :meth:`LightningDiT.save_pretrained` directory or hub id (no weights are read).
 
     Keys: ``format``, ``config`` (LightningDiTConfig fields) and, when recorded, ``latent_stats`` and
     ``sampler``. Raises a one-line ValueError for a missing, invalid or foreign file.
     """
-    config_path = Path(directory) / CONFIG_FILE
+    from aligntok.hub import resolve_directory
+
+    config_path = resolve_directory(str(directory), what="LightningDiT", error=ValueError) / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"not a LightningDiT directory: {config_path} is missing")
     try:

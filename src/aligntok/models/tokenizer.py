@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from aligntok.config import ConfigError, check_choice, config_from_dict, config_to_dict
+from aligntok.hub import model_card, resolve_directory
 from aligntok.io import write_directory_atomically
 from aligntok.models.adapter import Adapter
 from aligntok.models.decoder import DecoderConfig, LatentDecoder
@@ -231,10 +232,19 @@ class LatentTokenizer(nn.Module):
 
         The directory's config.json names the tokenizer's method, which picks the class: an AlignTok
         directory gives an :class:`AlignTokTokenizer`, a baseline's a ``VAETokenizer``, whichever of these
-        classes this is called on.
+        classes this is called on. A diffusers ``AutoencoderKL`` directory, or hub id ``ORG/NAME[:SUBFOLDER]``
+        of one, gives a ``DiffusersVAETokenizer`` (:mod:`aligntok.models.diffusers_vae`).
         """
-        directory = _resolve_directory(str(dir_or_hub_id))
+        directory = resolve_directory(str(dir_or_hub_id), what="tokenizer", error=TokenizerNotFoundError)
+        if diffusers_class_name(directory) is not None:
+            from aligntok.models.diffusers_vae import DiffusersVAETokenizer  # here: that module imports this one
+
+            return DiffusersVAETokenizer.from_diffusers(directory, source=str(dir_or_hub_id)).to(map_location).eval()
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if (directory / "model_index.json").is_file():
+            raise TokenizerNotFoundError(
+                f"'{dir_or_hub_id}' is a diffusers pipeline: name its VAE, e.g. DIRECTORY/vae or HUB_ID:vae"
+            )
         if not config_path.is_file() or not weights_path.is_file():
             raise TokenizerNotFoundError(
                 f"'{directory}' is not a saved aligntok tokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
@@ -280,11 +290,6 @@ class LatentTokenizer(nn.Module):
         stats = "set (used by normalize_latents)" if self.config.latent_mean is not None else "not computed yet"
         title, paragraph, bullets = self._card_summary()
         lines = [
-            "---",
-            "library_name: aligntok",
-            "tags: [aligntok, image-tokenizer, latent-diffusion]",
-            "---",
-            "",
             f"# {title}",
             "",
             *paragraph,
@@ -307,11 +312,23 @@ class LatentTokenizer(nn.Module):
         if extra:
             lines += ["", "## Details", "", "| key | value |", "|---|---|"]
             lines += [f"| {key} | {_card_value(value)} |" for key, value in extra.items()]
-        return "\n".join(lines) + "\n"
+        tags = ["aligntok", "image-tokenizer", "latent-diffusion", self.method]
+        # No license here: the weights' sources decide it; push_to_hub sets one.
+        return model_card("\n".join(lines), tags=tags, license=None, base_model=self.card_base_model())
+
+    def card_base_model(self) -> str | None:
+        """The hub id of the model this tokenizer starts from, for the card's ``base_model`` (None: trained from scratch)."""
+        return None
 
 
 class AlignTokTokenizer(LatentTokenizer):
-    """Foundation encoder + adapter + CNN decoder. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+    """Foundation encoder + adapter + CNN decoder (AlignTok, ICLR 2026). Build with :meth:`from_config` or :meth:`from_pretrained`.
+
+    ``encode``: images (B, 3, H, W) float in [-1, 1], H and W multiples of :attr:`stride` (16 by default) ->
+    latents (B, latent_channels, H / stride, W / stride); ``decode`` inverts it (images not clamped).
+    ``normalize_latents`` / ``denormalize_latents`` apply the per-channel statistics ``cache-latents``
+    records. Bad inputs raise a one-line ValueError; a missing directory a :class:`TokenizerNotFoundError`.
+    """
 
     method = ALIGNTOK_METHOD
     parts = ("encoder", "adapter", "decoder")
@@ -352,6 +369,10 @@ class AlignTokTokenizer(LatentTokenizer):
             "encoder": {"kind": self.encoder.kind, "hf_config": self.encoder.hf_config.to_dict()},
         }
 
+    def card_base_model(self) -> str | None:
+        name = self.config.encoder
+        return None if name == RANDOM_ENCODER or ":" in name or looks_like_local_path(name) else name
+
     def _card_summary(self) -> tuple[str, list[str], list[str]]:
         paragraph = [
             "A pretrained vision foundation encoder aligned into an image tokenizer for latent diffusion",
@@ -367,9 +388,14 @@ class AlignTokTokenizer(LatentTokenizer):
 
 def tokenizer_class(method: str) -> type[LatentTokenizer]:
     """The class that loads a config.json whose ``method`` is this: AlignTok's, or the baselines' VAE."""
-    from aligntok.models.baselines import VAETokenizer  # imported here: the baselines import this module
+    # Imported here: these modules import this one.
+    from aligntok.models.baselines import VAETokenizer
+    from aligntok.models.diffusers_vae import DiffusersVAETokenizer
 
-    classes: dict[str, type[LatentTokenizer]] = {ALIGNTOK_METHOD: AlignTokTokenizer, VAETokenizer.method: VAETokenizer}
+    classes: dict[str, type[LatentTokenizer]] = {
+        ALIGNTOK_METHOD: AlignTokTokenizer, VAETokenizer.method: VAETokenizer,
+        DiffusersVAETokenizer.method: DiffusersVAETokenizer,
+    }
     if method not in classes:
         raise TokenizerNotFoundError(
             f"unknown tokenizer method {method!r} in {CONFIG_NAME}; known: {', '.join(classes)}"
@@ -387,19 +413,13 @@ def _card_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _resolve_directory(name: str) -> Path:
-    """A local directory as is; a hub id through huggingface_hub's snapshot download (or its cache)."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    if looks_like_local_path(name):
-        raise TokenizerNotFoundError(f"tokenizer directory '{name}' does not exist")
-    from huggingface_hub import snapshot_download
-
+def diffusers_class_name(directory: Path) -> str | None:
+    """The ``_class_name`` in a diffusers model directory's config.json (e.g. AutoencoderKL); None for anything else."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        return None
     try:
-        return Path(snapshot_download(repo_id=name))
-    except (OSError, ValueError):
-        raise TokenizerNotFoundError(
-            f"tokenizer '{name}' is neither a local directory nor downloadable (offline?): on a machine with "
-            f"internet run `hf download {name}` and copy the Hugging Face cache here, or pass a local directory"
-        ) from None
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return document.get("_class_name") if isinstance(document, dict) else None
