@@ -1,0 +1,263 @@
+"""Training the text-to-image transformer on tokenizer latents, on the one training engine.
+
+Rectified flow in aligntok's convention (:mod:`.transport`: t = 0 noise) with logit-normal t moved by a
+resolution-dependent shift: FLUX's ``mu`` is linear in the image token count (0.5 at 256 tokens, 1.15 at
+4096) and shifts sigma by ``S = exp(mu)``; in aligntok's time that is the sampler's shift
+``t -> s t / (1 + (s - 1) t)`` with ``s = 1 / S`` (:func:`resolution_shift`). Plain MSE by default
+(``transport.cosine_weight: 0``), as FLUX and SD3 train.
+
+Per step: images are encoded by the frozen tokenizer (or latents come from a cache), normalised per
+channel; captions are dropped to "" with probability ``text.caption_dropout`` by a pure function of
+(seed, step, sample index) (:func:`caption_dropped`), so resume is exact and the decision does not depend
+on the number of processes; the kept captions are encoded on the fly by the frozen text encoders.
+
+``train_t2i(cfg, run_dir)`` trains in ``run_dir/train`` and exports the EMA weights to ``run_dir/model``
+(:meth:`T2ITransformer.save_pretrained`), recording the latent statistics, the text encoders, the
+tokenizer, the training resolution and the shift beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aligntok.config import ConfigError, OptimConfig, TrainConfig
+from aligntok.diffusion.transport import Transport, TransportConfig
+from aligntok.models.t2i import PRESET_FIELDS, T2I_PRESETS, T2IConfig, T2ITransformer
+from aligntok.models.text import TextConditioner, TextConfig
+
+log = logging.getLogger(__name__)
+
+_SEED_MASK = (1 << 64) - 1
+_DROPOUT_TAG = 0xD20F  # own stream: never shared with flips or data order
+
+
+def resolution_shift(num_tokens: int, base: tuple[int, float] = (256, 0.5), top: tuple[int, float] = (4096, 1.15)) -> float:
+    """aligntok's time shift ``s`` for ``num_tokens`` image tokens: 1 / exp(mu), FLUX's linear mu rule
+    (diffusers ``calculate_shift``). 256 tokens -> 1/1.65 = 0.61; 1024 tokens -> 1/1.88 = 0.53."""
+    slope = (top[1] - base[1]) / (top[0] - base[0])
+    return math.exp(-(base[1] + slope * (num_tokens - base[0])))
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s t / (1 + (s - 1) t)``: the sampler's grid shift applied to training times (s < 1: towards noise)."""
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
+
+
+def caption_dropped(seed: int, step: int, keys: list[int], rate: float) -> list[bool]:
+    """Whether each caption of global step ``step`` is dropped: a pure function of (seed, step, key)."""
+    if rate <= 0:
+        return [False] * len(keys)
+    draws = [np.random.default_rng([_DROPOUT_TAG, seed & _SEED_MASK, step & _SEED_MASK, k & _SEED_MASK]).random()
+             for k in keys]
+    return [bool(d < rate) for d in draws]
+
+
+@dataclasses.dataclass
+class T2IDataConfig:
+    """Images with captions, encoded on the fly by a frozen tokenizer."""
+
+    train: str = "builtin:scenes"  #: data spec: builtin:NAME, a folder with .txt sidecars, WebDataset shards (KEY.txt)
+    tokenizer: str = "runs/tiny/stage3"  #: tokenizer directory (its stride decides packing; f8 VAEs are packed 2x2)
+    build_tokenizer: str | None = None  #: a tokenizer config: trained into tokenizer's run folder when that is missing
+    resolution: int = 256  #: square image side in pixels (a multiple of the tokenizer stride)
+    hflip: bool = False  #: random horizontal flips; built-in captions swap left/right, others are kept (off for web data)
+    num_workers: int = 2  #: DataLoader workers per rank
+    builtin_size: int = 10000  #: images in a builtin:NAME dataset
+    stats_samples: int = 256  #: images whose latents give the per-channel statistics when the tokenizer has none
+
+    def validate(self) -> None:
+        if self.resolution <= 0 or self.num_workers < 0 or self.builtin_size <= 0 or self.stats_samples < 2:
+            raise ConfigError("resolution and builtin_size must be positive, num_workers >= 0, stats_samples >= 2")
+
+
+@dataclasses.dataclass
+class T2ITextConfig(TextConfig):
+    """The frozen text encoders and caption dropout for classifier-free guidance."""
+
+    caption_dropout: float = 0.1  #: probability a caption becomes "" (the null caption guidance uses)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class T2ITrainConfig:
+    """Everything `aligntok train-t2i` needs. Defaults: FLUX-tiny on built-in scenes."""
+
+    preset: str | None = "FLUX-tiny"  #: a T2I preset fixing the depth and heads; unset = the model section's sizes
+    model: T2IConfig = dataclasses.field(default_factory=T2IConfig)  #: in_channels, pack, text_dim, pooled_dim are derived
+    text: T2ITextConfig = dataclasses.field(default_factory=T2ITextConfig)  #: text encoders and caption dropout
+    data: T2IDataConfig = dataclasses.field(default_factory=T2IDataConfig)  #: images, captions, tokenizer
+    transport: TransportConfig = dataclasses.field(default_factory=lambda: TransportConfig(cosine_weight=0.0))
+    shift: float = 0.0  #: training time shift s (aligntok convention, s < 1 towards noise); 0 = FLUX's rule for the token count
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100, grad_clip=1.0))
+
+    def validate(self) -> None:
+        if self.preset is not None and self.preset not in T2I_PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not one of {', '.join(T2I_PRESETS)}")
+        if self.shift < 0:
+            raise ConfigError(f"shift={self.shift} must be >= 0 (0 = resolution-dependent)")
+
+    def model_config(self, *, in_channels: int, pack: int, text_dim: int, pooled_dim: int) -> T2IConfig:
+        """The architecture: the preset's sizes (or the model section's) with the derived widths."""
+        derived = {"in_channels": in_channels, "pack": pack, "text_dim": text_dim, "pooled_dim": pooled_dim}
+        if not self.preset:
+            config = dataclasses.replace(self.model, **derived)
+            config.validate()
+            return config
+        others = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(T2IConfig)
+                  if f.name not in PRESET_FIELDS and f.name not in derived}
+        return T2IConfig.from_preset(self.preset, **others, **derived)
+
+    def time_shift(self, num_tokens: int) -> float:
+        return self.shift if self.shift > 0 else resolution_shift(num_tokens)
+
+
+class T2ITask:
+    """T2I training as an engine task: one optimizer, one EMA, the transport's loss on shifted t."""
+
+    def __init__(self, model: T2ITransformer, transport: Transport, tokenizer: nn.Module, text: TextConditioner,
+                 normalize, *, caption_dropout: float, seed: int, shift: float) -> None:
+        self.model, self.transport, self.tokenizer, self.text = model, transport, tokenizer, text
+        self.normalize, self.caption_dropout, self.seed, self.shift = normalize, caption_dropout, seed, shift
+        tokenizer.requires_grad_(False).eval()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optimizers(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
+
+    def ema_modules(self) -> list[str]:
+        return ["model"]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.tokenizer.eval()
+
+    def captions(self, batch: dict, step: int) -> list[str]:
+        """The batch's captions after dropout; keyed by dataset index (a caption hash for shards)."""
+        from aligntok.data.images import stable_hash
+
+        captions = list(batch["caption"])
+        indices = batch["index"].tolist() if "index" in batch else [-1] * len(captions)
+        keys = [i if i >= 0 else stable_hash(c) for i, c in zip(indices, captions, strict=True)]
+        dropped = caption_dropped(self.seed, step, keys, self.caption_dropout)
+        return ["" if d else c for c, d in zip(captions, dropped, strict=True)]
+
+    def losses(self, batch: dict, step: int) -> dict[str, tuple[torch.Tensor, dict]]:
+        with torch.no_grad(), torch.autocast(batch["image"].device.type, enabled=False):
+            z = self.normalize(self.tokenizer.encode(batch["image"].float()).float())
+            text, mask, pooled = self.text(self.captions(batch, step))
+        t = shift_time(self.transport.sample_time(z.shape[0], z.device), self.shift)
+        loss, logs = self.transport.loss(self.model, z, {"text": text, "text_mask": mask, "pooled": pooled}, t=t)
+        return {"model": (loss, {k: v for k, v in logs.items() if k != "loss"})}
+
+
+def ensure_tokenizer(data: T2IDataConfig) -> Path:
+    """``data.tokenizer``, trained first from ``data.build_tokenizer`` when it does not exist yet."""
+    from aligntok.config import load_config
+    from aligntok.training.stages import TokenizerTrainConfig, train_tokenizer
+
+    path = Path(data.tokenizer)
+    if (path / "config.json").is_file() or not data.build_tokenizer:
+        return path
+    if not path.name.startswith("stage"):
+        raise ConfigError(f"data.build_tokenizer needs data.tokenizer to be RUN/stageN, got {path}")
+    cfg = load_config(TokenizerTrainConfig, data.build_tokenizer)
+    log.info("training tokenizer %s into %s (first run only)", data.build_tokenizer, path.parent)
+    outputs = train_tokenizer(cfg, path.parent)
+    if path not in outputs.values():
+        raise ConfigError(f"{data.build_tokenizer} does not produce {path} (it produced {sorted(map(str, outputs.values()))})")
+    return path
+
+
+def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the tokenizer's latents: its recorded ones, else those of the first
+    ``count`` images (plain and flipped, as cache-latents measures)."""
+    if tokenizer.config.latent_mean is not None and tokenizer.config.latent_std is not None:
+        return list(tokenizer.config.latent_mean), list(tokenizer.config.latent_std)
+    from aligntok.data import collate_samples
+    from aligntok.data.latents import ChannelMoments
+
+    moments = ChannelMoments.empty(tokenizer.latent_channels)
+    for start in range(0, min(count, len(dataset)), 64):
+        batch = collate_samples([dataset[i] for i in range(start, min(start + 64, count, len(dataset)))])
+        images = batch["image"].to(device)
+        with torch.no_grad():
+            for x in (images, images.flip(-1)):
+                moments = moments.merge(ChannelMoments.of(tokenizer.encode(x).cpu()))
+    return moments.mean.tolist(), moments.std.tolist()
+
+
+def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
+    """Train (or resume) a T2I transformer in ``run_dir/train`` and export it to ``run_dir/model``."""
+    from aligntok.data import build_dataset, build_loader
+    from aligntok.models.tokenizer import LatentTokenizer
+    from aligntok.training.distributed import init_distributed
+    from aligntok.training.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    dist = init_distributed()
+    ensure_tokenizer(cfg.data)  # every rank: tokenizer training is itself a (torchrun-aware) engine run
+    tokenizer = LatentTokenizer.from_pretrained(cfg.data.tokenizer, map_location=dist.device)
+    if cfg.data.resolution % tokenizer.stride:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the tokenizer stride {tokenizer.stride}")
+    if 16 % tokenizer.stride:
+        raise ConfigError(f"tokenizer stride {tokenizer.stride} does not divide 16 (packing makes 16-px tokens)")
+    pack = 16 // tokenizer.stride
+    text = TextConditioner(cfg.text).to(dist.device)
+    dataset = build_dataset(cfg.data.train, cfg.data.resolution, hflip=cfg.data.hflip, seed=cfg.train.seed,
+                            builtin_size=cfg.data.builtin_size)
+    stats_set = build_dataset(cfg.data.train, cfg.data.resolution, seed=cfg.train.seed, builtin_size=cfg.data.builtin_size)
+    mean, std = latent_statistics(tokenizer, stats_set, cfg.data.stats_samples, dist.device)
+    mean_t = torch.tensor(mean, device=dist.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=dist.device).view(1, -1, 1, 1)
+
+    def normalize(z: torch.Tensor) -> torch.Tensor:
+        return (z - mean_t) / std_t
+
+    model_cfg = cfg.model_config(in_channels=tokenizer.latent_channels, pack=pack, text_dim=text.text_dim,
+                                 pooled_dim=text.pooled_dim)
+    side = cfg.data.resolution // tokenizer.stride
+    shift = cfg.time_shift((side // pack) ** 2)
+    torch.manual_seed(cfg.train.seed)  # the initial weights (rank 0's are broadcast by the engine)
+    model = T2ITransformer(model_cfg)
+    task = T2ITask(model, Transport(cfg.transport), tokenizer, text, normalize,
+                   caption_dropout=cfg.text.caption_dropout, seed=cfg.train.seed, shift=shift)
+    per_rank = cfg.train.batch_size // dist.world_size
+
+    def loader_factory(start_step: int):
+        return build_loader(dataset, per_rank, rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+                            num_workers=cfg.data.num_workers, start_step=start_step)
+
+    started = time.perf_counter()
+    trainer = Trainer(task, train=cfg.train, optim={"model": cfg.optim}, loader_factory=loader_factory,
+                      out_dir=run_dir / "train", run_config=cfg, dist=dist)
+    result = trainer.fit()
+    state = trainer.ema_state_dict("model") if "model" in trainer.emas else trainer.model_state_dict("model")
+    out = run_dir / "model"
+    if dist.is_main:
+        export = T2ITransformer(model_cfg, initialize=False)
+        export.load_state_dict(state)
+        extra: dict[str, Any] = {
+            "latent_mean": mean, "latent_std": std, "tokenizer": str(cfg.data.tokenizer),
+            "tokenizer_stride": tokenizer.stride, "text": text.describe(), "resolution": cfg.data.resolution,
+            "train_shift": shift, "steps": result.step, "preset": cfg.preset,
+        }
+        export.save_pretrained(out, extra=extra)
+        log.info("T2I: %d steps in %.1f s -> %s", result.step, time.perf_counter() - started, out)
+    dist.barrier()
+    return out

@@ -1,0 +1,132 @@
+"""train-t2i and sample-t2i end to end on tiny models: loss falls, exact resume, caption dropout, samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aligntok.cli import main
+from aligntok.config import load_config
+from aligntok.diffusion.t2i_training import T2ITrainConfig, caption_dropped, resolution_shift, shift_time, train_t2i
+from aligntok.models.text import build_tiny_text_encoders
+from aligntok.standins_text import builtin_captions
+from aligntok.models.text import caption_words
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "t2i" / "tiny.yaml"
+
+
+def make_tokenizer(directory: Path) -> Path:
+    from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
+
+    cfg = TokenizerConfig(encoder="random", latent_channels=8, adapter_hidden=16)
+    cfg.random_encoder.hidden_size, cfg.random_encoder.patch_size, cfg.random_encoder.num_layers = 32, 16, 1
+    cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 4, [1, 1, 1, 1, 1], 4
+    cfg.decoder.layers_per_block = 1
+    torch.manual_seed(0)
+    AlignTokTokenizer.from_config(cfg).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    make_tokenizer(root / "tok")
+    build_tiny_text_encoders(root / "text", caption_words(builtin_captions(200)), width=16, layers=1, heads=2)
+    return root
+
+
+def _overrides(root: Path, steps: int = 40) -> list[str]:
+    return [f"data.tokenizer={root / 'tok'}", "data.build_tokenizer=null", f"text.encoder={root / 'text' / 't5'}",
+            f"train.steps={steps}", "train.batch_size=8", "train.log_every=5", "train.ckpt_every=20",
+            "data.builtin_size=64", "data.stats_samples=32", "optim.warmup_steps=5", "text.caption_dropout=0.2"]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["model/loss"] for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+
+
+def test_resolution_shift_and_time_shift():
+    assert resolution_shift(256) == pytest.approx(1 / np.exp(0.5))
+    assert resolution_shift(1024) == pytest.approx(1 / 1.8776, rel=1e-3)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(shift_time(t, 0.5), torch.tensor([0.0, 1 / 3, 1.0]))
+
+
+def test_caption_dropout_is_a_pure_function_at_the_requested_rate():
+    keys = list(range(10000))
+    first = caption_dropped(3, 17, keys, 0.1)
+    assert first == caption_dropped(3, 17, keys, 0.1)
+    assert first != caption_dropped(3, 18, keys, 0.1) and first != caption_dropped(4, 17, keys, 0.1)
+    assert abs(sum(first) / len(first) - 0.1) < 0.01
+    assert caption_dropped(3, 17, keys[:5], 0.0) == [False] * 5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(setup):
+    cfg = load_config(T2ITrainConfig, TINY, _overrides(setup))
+    return cfg, train_t2i(cfg, setup / "run")
+
+
+def test_train_t2i_lowers_the_loss_and_records_normalisation(tiny_run):
+    cfg, model_dir = tiny_run
+    losses = _losses(model_dir.parent)
+    assert np.mean(losses[-2:]) < losses[0]
+    info = json.loads((model_dir / "aligntok_t2i.json").read_text())
+    assert len(info["latent_mean"]) == 8 and len(info["latent_std"]) == 8
+    assert info["train_shift"] == pytest.approx(resolution_shift(16)) and info["resolution"] == 64
+
+
+def test_resume_after_a_kill_is_exact_including_caption_dropout(setup, tiny_run):
+    from safetensors.torch import load_file
+
+    cfg = load_config(T2ITrainConfig, TINY, _overrides(setup, steps=20))
+    train_t2i(cfg, setup / "half")  # "killed" at step 20 (its checkpoint), then resumed to 40
+    cfg = load_config(T2ITrainConfig, TINY, _overrides(setup, steps=40))
+    resumed = train_t2i(cfg, setup / "half")
+    a = load_file(str(tiny_run[1] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(setup / "half") == _losses(setup / "run")
+
+
+def test_sample_t2i_decodes_to_the_requested_size_one_vs_two_processes(setup, tiny_run):
+    _, model_dir = tiny_run
+    prompts = setup / "prompts.txt"
+    prompts.write_text("a red circle at the top left on a plain gray background\n"
+                       "a blue square left of a green cross on a plain gray background\n"
+                       "two red circles and a blue square on a plain gray background\n")
+    common = ["sample-t2i", "--model", str(model_dir), "--tokenizer", str(setup / "tok"), "--prompts", str(prompts),
+              "--steps", "3", "--cfg-scale", "3", "--batch-size", "2", "--height", "48", "--width", "80"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(setup / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    images = [np.asarray(Image.open(setup / "one" / f"{i:05d}.png")) for i in range(3)]
+    assert all(im.shape == (48, 80, 3) for im in images)
+    settings = json.loads((setup / "one" / "sampling.json").read_text())
+    assert settings["height"] == 48 and settings["width"] == 80 and len(settings["prompts"]) == 3
+    assert (setup / "one" / "grid.png").is_file()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "aligntok.cli", "--", *common, "--out", str(setup / "two")],
+                         check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for i in range(3):
+        assert np.array_equal(images[i], np.asarray(Image.open(setup / "two" / f"{i:05d}.png")))
+
+
+def test_sample_t2i_errors_are_one_line(setup, tiny_run, capsys):
+    _, model_dir = tiny_run
+    code = main(["sample-t2i", "--model", str(model_dir), "--tokenizer", str(setup / "tok"), "--prompt", "a circle",
+                 "--height", "40", "--out", str(setup / "bad")])
+    assert code == 2 and "multiples of 16" in capsys.readouterr().err
