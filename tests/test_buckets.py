@@ -27,7 +27,7 @@ def test_bucket_table_constant_area_multiples_and_dedupe():
     assert all(abs(h * w / 256**2 - 1) < 0.1 for h, w in table)
     assert len(table) == len(set(table)) < 9  # 4:3 and 5:4 collapse at 256 px
     assert all(abs(h * w / 512**2 - 1) < 0.05 for h, w in bucket_table(512))
-    with pytest.raises(ValueError, match="W:H"):
+    with pytest.raises(ValueError, match="W/H"):
         bucket_table(256, ["wide"])
 
 

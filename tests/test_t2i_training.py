@@ -130,3 +130,17 @@ def test_sample_t2i_errors_are_one_line(setup, tiny_run, capsys):
     code = main(["sample-t2i", "--model", str(model_dir), "--tokenizer", str(setup / "tok"), "--prompt", "a circle",
                  "--height", "40", "--out", str(setup / "bad")])
     assert code == 2 and "multiples of 16" in capsys.readouterr().err
+
+
+def test_train_t2i_with_aspect_ratio_buckets(setup, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        size = (96, 40) if i % 2 else (40, 96)
+        Image.new("RGB", size, (30 * i, 200, 90)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a wide picture" if i % 2 else "a tall picture")
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=4), f"data.train={folder}", "data.buckets=[2/1,1/2]",
+                                             "train.batch_size=4", "data.stats_samples=8"])
+    model_dir = train_t2i(cfg, tmp_path / "run")
+    info = json.loads((model_dir / "aligntok_t2i.json").read_text())
+    assert info["buckets"] == ["2/1", "1/2"] and len(_losses(tmp_path / "run")) >= 1

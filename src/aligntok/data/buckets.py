@@ -1,6 +1,6 @@
 """Aspect-ratio buckets: constant-area image sizes, nearest-ratio assignment, and a resumable batch sampler.
 
-**Table** (:func:`bucket_table`): for each ratio w:h, the size of about ``side x side`` pixels with both
+**Table** (:func:`bucket_table`): for each ratio W/H, the size of about ``side x side`` pixels with both
 sides multiples of ``multiple`` (the tokenizer's stride times the packing: 16 px for AlignTok f16 and for
 an f8 VAE packed 2x2), duplicates removed (at 256 px, 4:3 and 5:4 round to the same 288x224).
 
@@ -32,15 +32,15 @@ from torch.utils.data import Dataset, Sampler
 from aligntok.data.images import SampleKey, should_flip, to_tensor
 
 _SEED_MASK = (1 << 64) - 1
-DEFAULT_RATIOS = ("1:1", "4:5", "5:4", "3:4", "4:3", "2:3", "3:2", "9:16", "16:9")  # the paper's 512-px set (w:h)
+DEFAULT_RATIOS = ("1/1", "4/5", "5/4", "3/4", "4/3", "2/3", "3/2", "9/16", "16/9")  # the paper's 512-px set (W/H)
 
 
 def parse_ratio(text: str) -> float:
-    """"w:h" -> w / h."""
+    """"W/H" (or "W:H" from Python; YAML reads an unquoted 4:5 as the base-60 number 245) -> W / H."""
     try:
-        w, h = (float(part) for part in text.split(":"))
+        w, h = (float(part) for part in str(text).replace(":", "/").split("/"))
     except ValueError:
-        raise ValueError(f"aspect ratio {text!r} is not of the form W:H") from None
+        raise ValueError(f"aspect ratio {text!r} is not of the form W/H (e.g. 4/5)") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"aspect ratio {text!r} must be positive")
     return w / h

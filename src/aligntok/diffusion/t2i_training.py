@@ -73,6 +73,7 @@ class T2IDataConfig:
     num_workers: int = 2  #: DataLoader workers per rank
     builtin_size: int = 10000  #: images in a builtin:NAME dataset
     stats_samples: int = 256  #: images whose latents give the per-channel statistics when the tokenizer has none
+    buckets: list[str] = dataclasses.field(default_factory=list)  #: aspect ratios W/H (e.g. 4/5) at resolution**2 area; [] = square crops
 
     def validate(self) -> None:
         if self.resolution <= 0 or self.num_workers < 0 or self.builtin_size <= 0 or self.stats_samples < 2:
@@ -202,6 +203,34 @@ def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> t
     return moments.mean.tolist(), moments.std.tolist()
 
 
+def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
+    """A loader factory drawing each global batch from one aspect-ratio bucket (see data/buckets.py)."""
+    from torch.utils.data import DataLoader
+
+    from aligntok.data import collate_samples
+    from aligntok.data.buckets import BucketBatchSampler, BucketedImages, assign_buckets, bucket_table, image_sizes
+    from aligntok.data.images import IndexedImageDataset
+
+    if not isinstance(dataset, IndexedImageDataset):
+        raise ConfigError("data.buckets needs an image folder or builtin:NAME (streamed shards are not bucketed yet)")
+    table = bucket_table(cfg.data.resolution, cfg.data.buckets, multiple)
+    paths = getattr(dataset, "paths", None)
+    sizes = image_sizes(paths) if paths is not None else [(cfg.data.resolution,) * 2] * len(dataset)
+    ids = assign_buckets(sizes, table)
+    histogram = {f"{h}x{w}": ids.count(i) for i, (h, w) in enumerate(table)}
+    log.info("aspect-ratio buckets (HxW: images): %s", histogram)
+    data = BucketedImages(dataset, table, ids, hflip=cfg.data.hflip, seed=cfg.train.seed)
+    per_rank = cfg.train.batch_size // dist.world_size
+
+    def factory(start_step: int):
+        sampler = BucketBatchSampler(ids, per_rank, rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+                                     start_step=start_step)
+        return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_samples, num_workers=cfg.data.num_workers,
+                               generator=torch.Generator().manual_seed(cfg.train.seed)))
+
+    return factory
+
+
 def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
     """Train (or resume) a T2I transformer in ``run_dir/train`` and export it to ``run_dir/model``."""
     from aligntok.data import build_dataset, build_loader
@@ -243,6 +272,9 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
         return build_loader(dataset, per_rank, rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
                             num_workers=cfg.data.num_workers, start_step=start_step)
 
+    if cfg.data.buckets:  # sides in 16-px multiples: the token size of every tokenizer after packing
+        loader_factory = _bucket_loader(cfg, stats_set, 16, dist)  # noqa: F811
+
     started = time.perf_counter()
     trainer = Trainer(task, train=cfg.train, optim={"model": cfg.optim}, loader_factory=loader_factory,
                       out_dir=run_dir / "train", run_config=cfg, dist=dist)
@@ -255,7 +287,7 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
         extra: dict[str, Any] = {
             "latent_mean": mean, "latent_std": std, "tokenizer": str(cfg.data.tokenizer),
             "tokenizer_stride": tokenizer.stride, "text": text.describe(), "resolution": cfg.data.resolution,
-            "train_shift": shift, "steps": result.step, "preset": cfg.preset,
+            "train_shift": shift, "steps": result.step, "preset": cfg.preset, "buckets": list(cfg.data.buckets),
         }
         export.save_pretrained(out, extra=extra)
         log.info("T2I: %d steps in %.1f s -> %s", result.step, time.perf_counter() - started, out)
