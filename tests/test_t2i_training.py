@@ -144,3 +144,33 @@ def test_train_t2i_with_aspect_ratio_buckets(setup, tmp_path):
     model_dir = train_t2i(cfg, tmp_path / "run")
     info = json.loads((model_dir / "aligntok_t2i.json").read_text())
     assert info["buckets"] == ["2/1", "1/2"] and len(_losses(tmp_path / "run")) >= 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "flux2b_laion256", "flux2b_laion512_ar"])
+def test_shipped_t2i_configs_load(name):
+    cfg = load_config(T2ITrainConfig, TINY.parent / f"{name}.yaml")
+    if name.startswith("flux2b"):
+        assert cfg.preset == "FLUX-2B" and cfg.text.encoder == "google/t5-v1_1-xxl" and not cfg.data.hflip
+        assert cfg.model_config(in_channels=32, pack=1, text_dim=4096, pooled_dim=768).width == 1536
+    if name.endswith("_ar"):
+        from aligntok.data.buckets import bucket_table
+
+        assert len(bucket_table(cfg.data.resolution, cfg.data.buckets)) == 9
+
+
+def test_laion_tokenizer_config_has_w_sp_3_and_shards():
+    from aligntok.training.stages import TokenizerTrainConfig
+
+    cfg = load_config(TokenizerTrainConfig, TINY.parents[1] / "tokenizer" / "aligntok_dinov2_f16d32_laion.yaml")
+    assert cfg.semantic.weight == 3.0 and cfg.data.train.endswith(".tar")
+
+
+def test_init_from_starts_a_fresh_run_from_a_model(setup, tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    _, model_dir = tiny_run
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=0), f"init_from={model_dir}"])
+    out = train_t2i(cfg, tmp_path / "ft")
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(model_dir / weights)), load_file(str(out / weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -96,6 +96,7 @@ class T2ITextConfig(TextConfig):
 class T2ITrainConfig:
     """Everything `aligntok train-t2i` needs. Defaults: FLUX-tiny on built-in scenes."""
 
+    init_from: str | None = None  #: a T2I model directory whose weights start a fresh run (e.g. 512 px from 256 px)
     preset: str | None = "FLUX-tiny"  #: a T2I preset fixing the depth and heads; unset = the model section's sizes
     model: T2IConfig = dataclasses.field(default_factory=T2IConfig)  #: in_channels, pack, text_dim, pooled_dim are derived
     text: T2ITextConfig = dataclasses.field(default_factory=T2ITextConfig)  #: text encoders and caption dropout
@@ -264,6 +265,12 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
     shift = cfg.time_shift((side // pack) ** 2)
     torch.manual_seed(cfg.train.seed)  # the initial weights (rank 0's are broadcast by the engine)
     model = T2ITransformer(model_cfg)
+    if cfg.init_from:  # a resumed run's checkpoint replaces these weights in fit()
+        start = T2ITransformer.from_pretrained(cfg.init_from)
+        if dataclasses.replace(start.config, gradient_checkpointing=False, mask_padding=False) != dataclasses.replace(
+                model_cfg, gradient_checkpointing=False, mask_padding=False):
+            raise ConfigError(f"init_from={cfg.init_from} has another architecture: {start.config} vs {model_cfg}")
+        model.load_state_dict(start.state_dict())
     task = T2ITask(model, Transport(cfg.transport), tokenizer, text, normalize,
                    caption_dropout=cfg.text.caption_dropout, seed=cfg.train.seed, shift=shift)
     per_rank = cfg.train.batch_size // dist.world_size
