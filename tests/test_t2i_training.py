@@ -174,3 +174,26 @@ def test_init_from_starts_a_fresh_run_from_a_model(setup, tiny_run, tmp_path):
     weights = "transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(model_dir / weights)), load_file(str(out / weights))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_latents_with_captions_then_train_from_the_cache(setup, tmp_path):
+    from aligntok.data.builtin import swap_left_right
+    from aligntok.data.latents import LatentDataset
+    from aligntok.data.scenes import make_scene_graph
+
+    tok = tmp_path / "tok"
+    make_tokenizer(tok)
+    assert main(["cache-latents", "--tokenizer", str(tok), "--data", "builtin:scenes", "--resolution", "64",
+                 "--builtin-size", "24", "--shard-size", "16", "--num-workers", "0", "--captions",
+                 "--out", str(tmp_path / "cache")]) == 0
+    cache = LatentDataset(tmp_path / "cache")
+    assert cache.has_captions and cache.metadata["image_size"] == [64, 64]
+    for i in (0, 17):
+        item = cache[i]
+        assert item["caption"] == make_scene_graph(0, item["index"]).caption
+        assert item["caption_flip"] == swap_left_right(item["caption"])
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=6), f"data.tokenizer={tok}", "data.train=null",
+                                             f"data.cache={tmp_path / 'cache'}"])
+    model_dir = train_t2i(cfg, tmp_path / "run")
+    info = json.loads((model_dir / "aligntok_t2i.json").read_text())
+    assert info["latent_mean"] == pytest.approx(cache.metadata["latent_mean"])

@@ -156,6 +156,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     result = cache_latents(
         args.tokenizer, args.data, args.out, resolution=args.resolution, batch_size=args.batch_size,
         shard_size=args.shard_size, num_workers=args.num_workers, builtin_size=args.builtin_size,
+        captions=args.captions,
     )
     if is_main():
         meta = result.metadata
@@ -330,6 +331,7 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10000, help="images per cache shard (WebDataset input: one per tar)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes per rank")
     p.add_argument("--builtin-size", type=int, default=10000, help="images in a builtin:NAME dataset")
+    p.add_argument("--captions", action="store_true", help="keep each caption (and its flipped form) for train-t2i")
     p.set_defaults(func=_cache_latents)
 
     p = sub.add_parser("train-dit", help="train LightningDiT on cached (or on-the-fly) latents; re-running resumes")

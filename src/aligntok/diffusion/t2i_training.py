@@ -63,9 +63,10 @@ def caption_dropped(seed: int, step: int, keys: list[int], rate: float) -> list[
 
 @dataclasses.dataclass
 class T2IDataConfig:
-    """Images with captions, encoded on the fly by a frozen tokenizer."""
+    """Images with captions encoded on the fly by a frozen tokenizer, or a latent cache with captions."""
 
-    train: str = "builtin:scenes"  #: data spec: builtin:NAME, a folder with .txt sidecars, WebDataset shards (KEY.txt)
+    train: str | None = None  #: data spec: builtin:NAME, a folder with .txt sidecars, WebDataset shards (KEY.txt)
+    cache: str | None = None  #: or a latent cache made by `cache-latents --captions` with data.tokenizer
     tokenizer: str = "runs/tiny/stage3"  #: tokenizer directory (its stride decides packing; f8 VAEs are packed 2x2)
     build_tokenizer: str | None = None  #: a tokenizer config: trained into tokenizer's run folder when that is missing
     resolution: int = 256  #: square image side in pixels (a multiple of the tokenizer stride)
@@ -76,6 +77,10 @@ class T2IDataConfig:
     buckets: list[str] = dataclasses.field(default_factory=list)  #: aspect ratios W/H (e.g. 4/5) at resolution**2 area; [] = square crops
 
     def validate(self) -> None:
+        if bool(self.train) == bool(self.cache):
+            raise ConfigError("set exactly one of train (images encoded on the fly) and cache (cache-latents --captions)")
+        if self.cache and self.buckets:
+            raise ConfigError("a latent cache is square: buckets need images (data.train)")
         if self.resolution <= 0 or self.num_workers < 0 or self.builtin_size <= 0 or self.stats_samples < 2:
             raise ConfigError("resolution and builtin_size must be positive, num_workers >= 0, stats_samples >= 2")
 
@@ -131,8 +136,9 @@ class T2ITask:
     """T2I training as an engine task: one optimizer, one EMA, the transport's loss on shifted t."""
 
     def __init__(self, model: T2ITransformer, transport: Transport, tokenizer: nn.Module, text: TextConditioner,
-                 normalize, *, caption_dropout: float, seed: int, shift: float) -> None:
+                 normalize, *, caption_dropout: float, seed: int, shift: float, hflip: bool = False) -> None:
         self.model, self.transport, self.tokenizer, self.text = model, transport, tokenizer, text
+        self.hflip = hflip  # cached latents only: images are flipped by the dataset
         self.normalize, self.caption_dropout, self.seed, self.shift = normalize, caption_dropout, seed, shift
         tokenizer.requires_grad_(False).eval()
 
@@ -149,20 +155,33 @@ class T2ITask:
         self.model.train()
         self.tokenizer.eval()
 
-    def captions(self, batch: dict, step: int) -> list[str]:
-        """The batch's captions after dropout; keyed by dataset index (a caption hash for shards)."""
+    def latents_and_captions(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
+        """Normalised latents (fp32) and their captions: cached (flipped with the flipped image's caption) or
+        encoded now."""
+        captions = list(batch["caption"])
+        with torch.no_grad(), torch.autocast(batch.get("image", batch.get("latent")).device.type, enabled=False):
+            if "latent" in batch:
+                z = batch["latent"]
+                if self.hflip:
+                    flip = torch.rand(z.shape[0], device=z.device) < 0.5
+                    z = torch.where(flip[:, None, None, None], batch["latent_flip"], z)
+                    captions = [f if d else c for c, f, d in zip(captions, batch["caption_flip"], flip.tolist(), strict=True)]
+            else:
+                z = self.tokenizer.encode(batch["image"].float())
+            return self.normalize(z.float()), captions
+
+    def dropped(self, batch: dict, captions: list[str], step: int) -> list[str]:
+        """``captions`` after dropout; keyed by dataset index (a caption hash for shards)."""
         from aligntok.data.images import stable_hash
 
-        captions = list(batch["caption"])
         indices = batch["index"].tolist() if "index" in batch else [-1] * len(captions)
         keys = [i if i >= 0 else stable_hash(c) for i, c in zip(indices, captions, strict=True)]
         dropped = caption_dropped(self.seed, step, keys, self.caption_dropout)
         return ["" if d else c for c, d in zip(captions, dropped, strict=True)]
 
     def losses(self, batch: dict, step: int) -> dict[str, tuple[torch.Tensor, dict]]:
-        with torch.no_grad(), torch.autocast(batch["image"].device.type, enabled=False):
-            z = self.normalize(self.tokenizer.encode(batch["image"].float()).float())
-            text, mask, pooled = self.text(self.captions(batch, step))
+        z, captions = self.latents_and_captions(batch)
+        text, mask, pooled = self.text(self.dropped(batch, captions, step))
         t = shift_time(self.transport.sample_time(z.shape[0], z.device), self.shift)
         loss, logs = self.transport.loss(self.model, z, {"text": text, "text_mask": mask, "pooled": pooled}, t=t)
         return {"model": (loss, {k: v for k, v in logs.items() if k != "loss"})}
@@ -202,6 +221,20 @@ def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> t
             for x in (images, images.flip(-1)):
                 moments = moments.merge(ChannelMoments.of(tokenizer.encode(x).cpu()))
     return moments.mean.tolist(), moments.std.tolist()
+
+
+def _caption_cache(data: T2IDataConfig, tokenizer):
+    """The latent cache of ``data.cache``, checked to hold captions and ``tokenizer``'s latents."""
+    from aligntok.data.latents import LatentDataset
+
+    dataset = LatentDataset(data.cache)
+    if not dataset.has_captions:
+        raise ConfigError(f"latent cache {data.cache} has no captions: make it with cache-latents --captions")
+    channels, height, width = dataset.latent_shape
+    if channels != tokenizer.latent_channels or height * tokenizer.stride != data.resolution:
+        raise ConfigError(f"latent cache {data.cache} ({channels}x{height}x{width}) does not fit data.tokenizer "
+                          f"({tokenizer.latent_channels} channels) at data.resolution={data.resolution}")
+    return dataset
 
 
 def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
@@ -249,10 +282,15 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
         raise ConfigError(f"tokenizer stride {tokenizer.stride} does not divide 16 (packing makes 16-px tokens)")
     pack = 16 // tokenizer.stride
     text = TextConditioner(cfg.text).to(dist.device)
-    dataset = build_dataset(cfg.data.train, cfg.data.resolution, hflip=cfg.data.hflip, seed=cfg.train.seed,
-                            builtin_size=cfg.data.builtin_size)
-    stats_set = build_dataset(cfg.data.train, cfg.data.resolution, seed=cfg.train.seed, builtin_size=cfg.data.builtin_size)
-    mean, std = latent_statistics(tokenizer, stats_set, cfg.data.stats_samples, dist.device)
+    if cfg.data.cache:
+        dataset = stats_set = _caption_cache(cfg.data, tokenizer)
+        mean, std = dataset.latent_mean.tolist(), dataset.latent_std.tolist()
+    else:
+        dataset = build_dataset(cfg.data.train, cfg.data.resolution, hflip=cfg.data.hflip, seed=cfg.train.seed,
+                                builtin_size=cfg.data.builtin_size)
+        stats_set = build_dataset(cfg.data.train, cfg.data.resolution, seed=cfg.train.seed,
+                                  builtin_size=cfg.data.builtin_size)
+        mean, std = latent_statistics(tokenizer, stats_set, cfg.data.stats_samples, dist.device)
     mean_t = torch.tensor(mean, device=dist.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=dist.device).view(1, -1, 1, 1)
 
@@ -272,7 +310,8 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
             raise ConfigError(f"init_from={cfg.init_from} has another architecture: {start.config} vs {model_cfg}")
         model.load_state_dict(start.state_dict())
     task = T2ITask(model, Transport(cfg.transport), tokenizer, text, normalize,
-                   caption_dropout=cfg.text.caption_dropout, seed=cfg.train.seed, shift=shift)
+                   caption_dropout=cfg.text.caption_dropout, seed=cfg.train.seed, shift=shift,
+                   hflip=cfg.data.hflip and bool(cfg.data.cache))
     per_rank = cfg.train.batch_size // dist.world_size
 
     def loader_factory(start_step: int):
