@@ -44,7 +44,8 @@ def setup(tmp_path_factory):
 
 
 def _overrides(root: Path, steps: int = 40) -> list[str]:
-    return [f"data.tokenizer={root / 'tok'}", "data.build_tokenizer=null", f"text.encoder={root / 'text' / 't5'}",
+    return ["validation.every=20", "validation.steps=2", "validation.prompts=[a red circle,a blue square left of a cross]",
+            f"data.tokenizer={root / 'tok'}", "data.build_tokenizer=null", f"text.encoder={root / 'text' / 't5'}",
             f"train.steps={steps}", "train.batch_size=8", "train.log_every=5", "train.ckpt_every=20",
             "data.builtin_size=64", "data.stats_samples=32", "optim.warmup_steps=5", "text.caption_dropout=0.2"]
 
@@ -82,6 +83,8 @@ def test_train_t2i_lowers_the_loss_and_records_normalisation(tiny_run):
     info = json.loads((model_dir / "aligntok_t2i.json").read_text())
     assert len(info["latent_mean"]) == 8 and len(info["latent_std"]) == 8
     assert info["train_shift"] == pytest.approx(resolution_shift(16)) and info["resolution"] == 64
+    grids = sorted(p.name for p in (model_dir.parent / "train" / "validation").iterdir())
+    assert grids == ["step-0000020.png", "step-0000040.png"]
 
 
 def test_resume_after_a_kill_is_exact_including_caption_dropout(setup, tiny_run):

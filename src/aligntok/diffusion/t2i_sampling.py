@@ -63,31 +63,36 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 class T2IGenerator:
-    """A loaded T2I model with its tokenizer and text encoders: prompts -> uint8 NHWC images."""
+    """A T2I model with its tokenizer, text encoders and latent statistics: prompts -> uint8 NHWC images."""
 
-    def __init__(self, model_dir: str | os.PathLike, tokenizer: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model, tokenizer, text, mean: Sequence[float], std: Sequence[float], resolution: int) -> None:
+        cfg = model.config
+        if tokenizer.latent_channels != cfg.in_channels or 16 // tokenizer.stride != cfg.pack:
+            raise ValueError(f"the tokenizer ({tokenizer.latent_channels} channels, stride {tokenizer.stride}) does "
+                             f"not fit the model ({cfg.in_channels} channels, pack {cfg.pack})")
+        self.model, self.tokenizer, self.text, self.resolution = model, tokenizer, text, resolution
+        self.device = next(model.parameters()).device
+        self.mean = torch.tensor(list(mean), device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), device=self.device).view(1, -1, 1, 1)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, tokenizer: str | os.PathLike, device: torch.device | str = "cpu") -> T2IGenerator:
+        """The model in ``model_dir`` (its text encoders and statistics as recorded there) and ``tokenizer``."""
         from aligntok.models.t2i import T2ITransformer, read_t2i_info
         from aligntok.models.text import TextConditioner, TextConfig
         from aligntok.models.tokenizer import LatentTokenizer
 
-        self.info = read_t2i_info(model_dir)
-        self.model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
-        self.tokenizer = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
-        cfg = self.model.config
-        if self.tokenizer.latent_channels != cfg.in_channels or 16 // self.tokenizer.stride != cfg.pack:
-            raise ValueError(f"tokenizer {tokenizer} ({self.tokenizer.latent_channels} channels, stride "
-                             f"{self.tokenizer.stride}) does not fit the model ({cfg.in_channels} channels, pack {cfg.pack})")
-        text = self.info["text"]
+        info = read_t2i_info(model_dir)
+        model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
+        tok = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
         fields = {f.name for f in dataclasses.fields(TextConfig)}
-        config = TextConfig(**{k: v for k, v in text.items() if k in fields})  # standin:NAME is re-resolved
-        self.text = TextConditioner(config, progress=False).to(device)
-        self.mean = torch.tensor(self.info["latent_mean"], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(self.info["latent_std"], device=device).view(1, -1, 1, 1)
-        self.device = torch.device(device)
+        config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})  # standin:NAME is re-resolved
+        text = TextConditioner(config, progress=False).to(device)
+        return cls(model, tok, text, info["latent_mean"], info["latent_std"], info["resolution"])
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         stride, multiple = self.tokenizer.stride, self.tokenizer.stride * self.model.config.pack
-        height, width = height or self.info["resolution"], width or self.info["resolution"]
+        height, width = height or self.resolution, width or self.resolution
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple} px, got {height}x{width}")
         return height // stride, width // stride
@@ -120,6 +125,18 @@ class T2IGenerator:
             return to_uint8_nhwc(self.tokenizer.decode(latents))
 
 
+def render_grid(generator: T2IGenerator, prompts: Sequence[str], path: str | os.PathLike,
+                config: T2ISampleConfig) -> Path:
+    """All ``prompts`` (in batches of ``config.batch_size``) tiled into one PNG at ``path`` (validation grids)."""
+    from PIL import Image
+
+    batches = [generator.generate(prompts[i : i + config.batch_size], range(i, min(i + config.batch_size, len(prompts))),
+                                  config) for i in range(0, len(prompts), config.batch_size)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_image_grid(np.concatenate(batches))).save(path)
+    return Path(path)
+
+
 def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, prompts: Sequence[str],
                out_dir: str | os.PathLike, config: T2ISampleConfig | None = None) -> dict[str, Any]:
     """One image per prompt into ``out_dir`` (see the module doc); returns the settings written. torchrun-aware."""
@@ -135,7 +152,7 @@ def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, promp
     if config.batch_size < 1:
         raise ValueError(f"batch_size={config.batch_size} must be >= 1")
     dist = distributed.init_distributed()
-    generator = T2IGenerator(model_dir, tokenizer, dist.device)
+    generator = T2IGenerator.load(model_dir, tokenizer, dist.device)
     out = Path(out_dir)
     parts = out / PARTS_DIR
     if dist.is_main:

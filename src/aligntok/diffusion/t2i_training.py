@@ -98,6 +98,21 @@ class T2ITextConfig(TextConfig):
 
 
 @dataclasses.dataclass
+class T2IValidationConfig:
+    """Prompts rendered with the EMA weights into ``RUN/train/validation/step-NNNNNNN.png`` during training."""
+
+    prompts: list[str] = dataclasses.field(default_factory=list)  #: fixed prompts; prompt i seeded from (seed, i)
+    every: int = 0  #: render at checkpoints whose step is a multiple of this (and at the end); 0 = never
+    steps: int = 20  #: Euler steps
+    cfg_scale: float = 4.0  #: guidance against the empty caption
+    seed: int = 0  #: noise seed
+
+    def validate(self) -> None:
+        if self.every < 0 or self.steps < 1:
+            raise ConfigError("validation.every must be >= 0 and validation.steps >= 1")
+
+
+@dataclasses.dataclass
 class T2ITrainConfig:
     """Everything `aligntok train-t2i` needs. Defaults: FLUX-tiny on built-in scenes."""
 
@@ -110,6 +125,7 @@ class T2ITrainConfig:
     shift: float = 0.0  #: training time shift s (aligntok convention, s < 1 towards noise); 0 = FLUX's rule for the token count
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100, grad_clip=1.0))
+    validation: T2IValidationConfig = dataclasses.field(default_factory=T2IValidationConfig)  #: grids during training
 
     def validate(self) -> None:
         if self.preset is not None and self.preset not in T2I_PRESETS:
@@ -265,13 +281,45 @@ def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
     return factory
 
 
+def _validating_trainer(cfg: T2ITrainConfig, task: T2ITask, stats: tuple[list[float], list[float]], **kwargs):
+    """The engine, rendering ``cfg.validation`` grids after the checkpoints it asks for."""
+    from aligntok.diffusion.samplers import SamplerConfig
+    from aligntok.diffusion.t2i_sampling import T2IGenerator, T2ISampleConfig, render_grid
+    from aligntok.training.trainer import Trainer
+
+    val = cfg.validation
+
+    class ValidatingTrainer(Trainer):
+        def save_checkpoint(self) -> Path:
+            path = super().save_checkpoint()
+            if val.every and val.prompts and (self.step % val.every == 0 or self.step == self.train.steps):
+                self.render_validation()
+            return path
+
+        def render_validation(self) -> None:
+            state = self.ema_state_dict("model") if "model" in self.emas else self.model_state_dict("model")  # collective
+            if self.dist.is_main:
+                # Forked RNG and a meta-device build: rendering draws nothing from the training's random streams.
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    with torch.device("meta"):
+                        model = T2ITransformer(task.model.config, initialize=False)
+                    model.load_state_dict(state, assign=True)
+                    generator = T2IGenerator(model.to(self.device).eval(), task.tokenizer, task.text, *stats,
+                                             resolution=cfg.data.resolution)
+                    sampler = SamplerConfig(num_steps=val.steps, cfg_scale=val.cfg_scale, cfg_interval_start=0.0,
+                                            timestep_shift=task.shift)
+                    render_grid(generator, val.prompts, self.out_dir / "validation" / f"step-{self.step:07d}.png",
+                                T2ISampleConfig(seed=val.seed, sampler=sampler))
+            self.dist.barrier()
+
+    return ValidatingTrainer(task, **kwargs)
+
+
 def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
     """Train (or resume) a T2I transformer in ``run_dir/train`` and export it to ``run_dir/model``."""
     from aligntok.data import build_dataset, build_loader
     from aligntok.models.tokenizer import LatentTokenizer
     from aligntok.training.distributed import init_distributed
-    from aligntok.training.trainer import Trainer
-
     run_dir = Path(run_dir)
     dist = init_distributed()
     ensure_tokenizer(cfg.data)  # every rank: tokenizer training is itself a (torchrun-aware) engine run
@@ -322,8 +370,8 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
         loader_factory = _bucket_loader(cfg, stats_set, 16, dist)  # noqa: F811
 
     started = time.perf_counter()
-    trainer = Trainer(task, train=cfg.train, optim={"model": cfg.optim}, loader_factory=loader_factory,
-                      out_dir=run_dir / "train", run_config=cfg, dist=dist)
+    trainer = _validating_trainer(cfg, task, (mean, std), train=cfg.train, optim={"model": cfg.optim},
+                                  loader_factory=loader_factory, out_dir=run_dir / "train", run_config=cfg, dist=dist)
     result = trainer.fit()
     state = trainer.ema_state_dict("model") if "model" in trainer.emas else trainer.model_state_dict("model")
     out = run_dir / "model"
