@@ -95,3 +95,15 @@ def test_bucketed_images_crop_to_the_bucket_and_flip_captions(tmp_path):
     epoch = next(e for e in range(20) if should_flip(0, e, 1))
     assert data[SampleKey(1, epoch)]["caption"] == "a cat left of a dog"  # web captions are not rewritten
     assert cover_crop(Image.new("RGB", (90, 50)), 16, 48).size == (48, 16)
+
+
+def test_written_shards_carry_sizes_in_json_like_img2dataset(tmp_path):
+    from PIL import Image
+
+    from aligntok.data import build_dataset, write_shards
+
+    samples = [{"image": Image.new("RGB", (40 + 8 * i, 24)), "caption": f"picture {i}"} for i in range(3)]
+    paths = write_shards(samples, str(tmp_path / "%06d.tar"), maxcount=10)
+    assert [(w, h) for _, w, h in shard_sizes(paths[0])] == [(40, 24), (48, 24), (56, 24)]
+    first = next(build_dataset(str(tmp_path / "{000000..000000}.tar"), 16).reader_stream(0, 1, 0))
+    assert first["caption"].startswith("picture")  # the txt caption still reads back
