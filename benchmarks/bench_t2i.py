@@ -73,14 +73,14 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=8192, help="matmul side for the measured peak (CPU: use 1024)")
     args = parser.parse_args()
 
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     if args.fsdp:
         from aligntok.training.distributed import init_distributed
 
         device = init_distributed().device
     else:
         device = torch.device(args.device)
-    side = int(round(args.tokens**0.5))
+    side = round(args.tokens**0.5)
     cfg = T2IConfig.from_preset(args.preset, in_channels=args.channels, text_dim=args.t5_dim, pooled_dim=args.pooled_dim,
                                 mask_padding=not args.no_mask, gradient_checkpointing=args.checkpointing)
     torch.manual_seed(0)

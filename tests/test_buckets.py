@@ -7,7 +7,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 
 from aligntok.data.buckets import (
     BucketBatchSampler,

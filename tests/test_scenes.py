@@ -9,7 +9,13 @@ import torch
 from aligntok.data import build_dataset
 from aligntok.data.builtin import swap_left_right
 from aligntok.data.images import should_flip
-from aligntok.data.scenes import SceneGraph, SceneObject, make_scene_graph, relation, render_scene_graph
+from aligntok.data.scenes import (
+    SceneGraph,
+    SceneObject,
+    make_scene_graph,
+    relation,
+    render_scene_graph,
+)
 
 
 def test_scenes_are_pure_functions_of_seed_and_index():

@@ -19,7 +19,7 @@ def test_standin_text_encoder_is_cached_and_loads_like_t5(tmp_path, monkeypatch)
     info = standins.read_standin_info(path)
     assert info["final_loss"] < info["first_loss"]
     cond = TextConditioner(TextConfig(encoder=str(path)))
-    tokens, mask, pooled = cond(["a red circle left of a blue square on a plain gray background",
+    tokens, mask, _ = cond(["a red circle left of a blue square on a plain gray background",
                                  "a blue circle left of a red square on a plain gray background"])
     assert tokens.shape[2] == 32 and mask.all()
     assert not torch.allclose(tokens[0], tokens[1])  # colour order matters token by token

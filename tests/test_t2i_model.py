@@ -4,6 +4,7 @@ save/load, presets."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_aligntok_sampler_through_the_wrapper_matches_diffusers_euler():
     x = pack_latents(x0, 1)
     sigmas = torch.linspace(1, 0, 7)
     with torch.no_grad():
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        for s, s_next in itertools.pairwise(sigmas):
             v = flux(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
                      timestep=torch.full((2,), float(s)), img_ids=image_ids(4, 6), txt_ids=torch.zeros(5, 3),
                      return_dict=False)[0]

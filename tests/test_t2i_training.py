@@ -15,10 +15,15 @@ from PIL import Image
 
 from aligntok.cli import main
 from aligntok.config import load_config
-from aligntok.diffusion.t2i_training import T2ITrainConfig, caption_dropped, resolution_shift, shift_time, train_t2i
-from aligntok.models.text import build_tiny_text_encoders
+from aligntok.diffusion.t2i_training import (
+    T2ITrainConfig,
+    caption_dropped,
+    resolution_shift,
+    shift_time,
+    train_t2i,
+)
+from aligntok.models.text import build_tiny_text_encoders, caption_words
 from aligntok.standins_text import builtin_captions
-from aligntok.models.text import caption_words
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "t2i" / "tiny.yaml"
 
@@ -77,7 +82,7 @@ def tiny_run(setup):
 
 
 def test_train_t2i_lowers_the_loss_and_records_normalisation(tiny_run):
-    cfg, model_dir = tiny_run
+    _, model_dir = tiny_run
     losses = _losses(model_dir.parent)
     assert np.mean(losses[-2:]) < losses[0]
     info = json.loads((model_dir / "aligntok_t2i.json").read_text())

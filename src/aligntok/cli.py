@@ -219,7 +219,11 @@ def _train_t2i(args: argparse.Namespace) -> None:
 
 def _sample_t2i(args: argparse.Namespace) -> None:
     from aligntok.diffusion.samplers import SamplerConfig
-    from aligntok.diffusion.t2i_sampling import T2ISampleConfig, read_prompts, sample_t2i
+    from aligntok.diffusion.t2i_sampling import (
+        T2ISampleConfig,
+        read_prompts,
+        sample_t2i,
+    )
     from aligntok.training.distributed import destroy_distributed, is_main
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)

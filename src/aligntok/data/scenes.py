@@ -23,7 +23,12 @@ import math
 import numpy as np
 from PIL import Image
 
-from aligntok.data.builtin import SHAPE_NAMES, ShapeLayer, render_layers, swap_left_right
+from aligntok.data.builtin import (
+    SHAPE_NAMES,
+    ShapeLayer,
+    render_layers,
+    swap_left_right,
+)
 from aligntok.data.images import IndexedImageDataset
 
 SCENE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")

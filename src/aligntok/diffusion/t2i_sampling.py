@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 from aligntok.diffusion.samplers import SamplerConfig, sample
-from aligntok.diffusion.sampling import GRID_FILE, PARTS_DIR, SETTINGS_FILE, _image_grid, sample_generator
+from aligntok.diffusion.sampling import (
+    GRID_FILE,
+    PARTS_DIR,
+    SETTINGS_FILE,
+    _image_grid,
+    sample_generator,
+)
 
 
 @dataclasses.dataclass

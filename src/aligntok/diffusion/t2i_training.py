@@ -258,7 +258,13 @@ def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
     from torch.utils.data import DataLoader
 
     from aligntok.data import collate_samples
-    from aligntok.data.buckets import BucketBatchSampler, BucketedImages, assign_buckets, bucket_table, image_sizes
+    from aligntok.data.buckets import (
+        BucketBatchSampler,
+        BucketedImages,
+        assign_buckets,
+        bucket_table,
+        image_sizes,
+    )
     from aligntok.data.images import IndexedImageDataset
 
     if not isinstance(dataset, IndexedImageDataset):
@@ -284,7 +290,11 @@ def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
 def _validating_trainer(cfg: T2ITrainConfig, task: T2ITask, stats: tuple[list[float], list[float]], **kwargs):
     """The engine, rendering ``cfg.validation`` grids after the checkpoints it asks for."""
     from aligntok.diffusion.samplers import SamplerConfig
-    from aligntok.diffusion.t2i_sampling import T2IGenerator, T2ISampleConfig, render_grid
+    from aligntok.diffusion.t2i_sampling import (
+        T2IGenerator,
+        T2ISampleConfig,
+        render_grid,
+    )
     from aligntok.training.trainer import Trainer
 
     val = cfg.validation
@@ -367,7 +377,7 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
                             num_workers=cfg.data.num_workers, start_step=start_step)
 
     if cfg.data.buckets:  # sides in 16-px multiples: the token size of every tokenizer after packing
-        loader_factory = _bucket_loader(cfg, stats_set, 16, dist)  # noqa: F811
+        loader_factory = _bucket_loader(cfg, stats_set, 16, dist)
 
     started = time.perf_counter()
     trainer = _validating_trainer(cfg, task, (mean, std), train=cfg.train, optim={"model": cfg.optim},
