@@ -126,8 +126,17 @@ def image_ids(rows: int, cols: int, device: torch.device | str = "cpu") -> torch
     return ids.reshape(rows * cols, 3).to(device)
 
 
+_MASK_SINCE = (0, 32)  # diffusers PR #10122: before 0.32 Flux's attention silently ignored the mask
+
+
 def _build_flux(config: T2IConfig) -> nn.Module:
+    import diffusers
     from diffusers import FluxTransformer2DModel
+
+    version = tuple(int(p) for p in diffusers.__version__.split(".")[:2] if p.isdigit())
+    if config.mask_padding and version < _MASK_SINCE:
+        raise ConfigError(f"diffusers {diffusers.__version__} ignores Flux attention masks: install diffusers>=0.32 "
+                          "or set mask_padding=false")
 
     return FluxTransformer2DModel(
         patch_size=1, in_channels=config.token_channels, num_layers=config.num_layers,
