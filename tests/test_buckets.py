@@ -106,3 +106,30 @@ def test_written_shards_carry_sizes_in_json_like_img2dataset(tmp_path):
     assert [(w, h) for _, w, h in shard_sizes(paths[0])] == [(40, 24), (48, 24), (56, 24)]
     first = next(build_dataset(str(tmp_path / "{000000..000000}.tar"), 16).reader_stream(0, 1, 0))
     assert first["caption"].startswith("picture")  # the txt caption still reads back
+
+
+def test_indexed_shards_give_random_access_and_json_sizes(tmp_path):
+    from PIL import Image
+
+    from aligntok.data import write_shards
+    from aligntok.data.buckets import IndexedShards
+    from aligntok.data.images import BadImageError
+
+    samples = [{"image": Image.new("RGB", (32 + 16 * (i % 2), 32), (40 * i, 0, 0)), "caption": f"picture {i}"}
+               for i in range(5)]
+    write_shards(samples, str(tmp_path / "%06d.tar"), maxcount=3)
+    with tarfile.open(tmp_path / "000002.tar", "w") as tar:  # img2dataset-style sample with a corrupt jpg
+        for ext, data in (("jpg", b"garbage"), ("txt", b"broken"), ("json", json.dumps({"width": 48, "height": 32}).encode())):
+            info = tarfile.TarInfo(f"000000099.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = IndexedShards(str(tmp_path / "{000000..000002}.tar"), 32)
+    assert len(shards) == 6
+    assert shards.sizes() == [(32, 32), (48, 32), (32, 32), (48, 32), (32, 32), (48, 32)]  # the jpg is never decoded
+    image, label, caption = shards.load(3)
+    assert caption == "picture 3" and image.size == (48, 32) and image.getpixel((0, 0)) == (120, 0, 0)
+    with pytest.raises(BadImageError):
+        shards.load(5)
+    table = bucket_table(32, ["1/1", "2/1"])
+    data = BucketedImages(shards, table, assign_buckets(shards.sizes(), table), hflip=False, seed=0)
+    assert data[5]["skipped"] and data[5]["caption"] == "picture 0"  # replaced by the next of its bucket

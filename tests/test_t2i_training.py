@@ -140,13 +140,21 @@ def test_sample_t2i_errors_are_one_line(setup, tiny_run, capsys):
     assert code == 2 and "multiples of 16" in capsys.readouterr().err
 
 
-def test_train_t2i_with_aspect_ratio_buckets(setup, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_train_t2i_with_aspect_ratio_buckets(setup, tmp_path, source):
+    from aligntok.data import write_shards
+
     folder = tmp_path / "images"
     folder.mkdir()
+    samples = []
     for i in range(8):
         size = (96, 40) if i % 2 else (40, 96)
-        Image.new("RGB", size, (30 * i, 200, 90)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("a wide picture" if i % 2 else "a tall picture")
+        samples.append({"image": Image.new("RGB", size, (30 * i, 200, 90)), "caption": "a wide picture" if i % 2 else "a tall picture"})
+        samples[-1]["image"].save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(samples[-1]["caption"])
+    if source == "shards":
+        write_shards(samples, str(tmp_path / "shards" / "%06d.tar"), maxcount=5)
+        folder = tmp_path / "shards" / "{000000..000001}.tar"
     cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=4), f"data.train={folder}", "data.buckets=[2/1,1/2]",
                                              "train.batch_size=4", "data.stats_samples=8"])
     model_dir = train_t2i(cfg, tmp_path / "run")
@@ -224,3 +232,15 @@ def test_fsdp_training_matches_replicated_training(setup, tmp_path):
     a, b = load_file(str(tmp_path / "replicated" / weights)), load_file(str(tmp_path / "fsdp" / weights))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert a["proj_out.weight"].abs().sum() > 0  # trained away from the zero init
+
+
+def test_train_t2i_streams_square_crops_from_captioned_shards(setup, tmp_path):
+    from aligntok.data import write_shards
+
+    samples = [{"image": Image.new("RGB", (80, 64), (20 * i, 90, 200)), "caption": f"a blue picture number {i}"}
+               for i in range(8)]
+    write_shards(samples, str(tmp_path / "%06d.tar"), maxcount=4)
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=3), f"data.train={tmp_path}/{{000000..000001}}.tar",
+                                             "train.batch_size=4", "data.stats_samples=8", "data.hflip=false"])
+    train_t2i(cfg, tmp_path / "run")
+    assert all(np.isfinite(_losses(tmp_path / "run")))

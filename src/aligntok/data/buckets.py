@@ -6,7 +6,8 @@ an f8 VAE packed 2x2), duplicates removed (at 256 px, 4:3 and 5:4 round to the s
 
 **Assignment** (:func:`assign_buckets`): each image goes to the bucket nearest its aspect ratio in log
 space, from its size alone: image headers for folders (PIL reads no pixels), ``KEY.json`` width/height
-for WebDataset shards (:func:`shard_sizes` reads only the .json members, never decodes an image).
+for WebDataset shards (:func:`shard_sizes` and :class:`IndexedShards` read only the .json members, never
+decode an image; :class:`IndexedShards` gives bucketing random access into the tars).
 
 **Sampler** (:class:`BucketBatchSampler`): in epoch e each bucket's members are permuted with a seed from
 (seed, e, bucket) and cut into global batches of ``batch_size * world_size``; a bucket's remainder sits
@@ -19,6 +20,7 @@ every step, and one process at batch 2B sees what two ranks at B see together.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from aligntok.data.images import SampleKey, should_flip, to_tensor
+from aligntok.data.images import IndexedImageDataset, SampleKey, should_flip, to_tensor
 
 _SEED_MASK = (1 << 64) - 1
 DEFAULT_RATIOS = ("1/1", "4/5", "5/4", "3/4", "4/3", "2/3", "3/2", "9/16", "16/9")  # the paper's 512-px set (W/H)
@@ -190,3 +192,75 @@ class BucketedImages(Dataset):
         if self.hflip and should_flip(self.seed, epoch, index):  # the flip belongs to the draw
             tensor, caption = tensor.flip(-1), self.base.flip_caption(caption)
         return {"image": tensor, "label": int(label), "caption": caption, "index": position, "skipped": skipped}
+
+
+class IndexedShards(IndexedImageDataset):
+    """WebDataset tars with random access, for bucketing: each sample's members are located once from the
+    tar headers (no payload read), then read by seeking. Sizes come from ``KEY.json`` (img2dataset's width
+    and height) without decoding; samples without one are sized from their image header."""
+
+    def __init__(self, spec: str, resolution: int, *, hflip: bool = False, seed: int = 0) -> None:
+        from webdataset.tariterators import base_plus_ext
+
+        from aligntok.data.shards import IMAGE_KEYS, expand_shard_spec
+
+        super().__init__(spec, resolution, hflip=hflip, seed=seed)
+        self.samples: list[tuple[str, str, dict[str, tuple[int, int]]]] = []  # (tar, key, ext -> (offset, size))
+        for path in expand_shard_spec(spec):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name)
+                    if member.isfile() and key and ext:
+                        members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            self.samples += [(path, key, found) for key, found in members.items() if any(e in found for e in IMAGE_KEYS)]
+        if not self.samples:
+            raise ValueError(f"no image samples found in the shards {spec}")
+        self._image_keys = IMAGE_KEYS
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return f"{self.samples[index][0]}/{self.samples[index][1]}"
+
+    def _read(self, index: int, ext: str) -> bytes:
+        path, _, found = self.samples[index]
+        offset, size = found[ext]
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read(size)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every sample: from KEY.json, else the image header; (1, 1) when unreadable."""
+        from PIL import Image
+
+        sizes = []
+        for index, (_, _, found) in enumerate(self.samples):
+            try:
+                meta = json.loads(self._read(index, "json"))
+                sizes.append((int(meta["width"]), int(meta["height"])))
+                continue
+            except (KeyError, ValueError, TypeError):
+                pass
+            try:
+                ext = next(e for e in self._image_keys if e in found)
+                with Image.open(io.BytesIO(self._read(index, ext))) as image:
+                    sizes.append(image.size)
+            except OSError:
+                sizes.append((1, 1))
+        return sizes
+
+    def load(self, index: int):
+        from aligntok.data.images import load_image
+
+        found = self.samples[index][2]
+        image = load_image(self._read(index, next(e for e in self._image_keys if e in found)))
+        caption = self._read(index, "txt").decode("utf-8", errors="replace").strip() if "txt" in found else ""
+        label = -1
+        if "cls" in found:
+            try:
+                label = int(self._read(index, "cls").decode().strip())
+            except ValueError:
+                label = -1
+        return image, label, caption

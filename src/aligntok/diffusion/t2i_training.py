@@ -226,13 +226,19 @@ def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> t
     ``count`` images (plain and flipped, as cache-latents measures)."""
     if tokenizer.config.latent_mean is not None and tokenizer.config.latent_std is not None:
         return list(tokenizer.config.latent_mean), list(tokenizer.config.latent_std)
+    import itertools
+
     from aligntok.data import collate_samples
     from aligntok.data.latents import ChannelMoments
+    from aligntok.data.shards import ShardDataset
 
+    if isinstance(dataset, ShardDataset):  # streamed: the first images of one reader over every shard
+        samples = itertools.islice(dataset.reader_stream(0, 1, 0), count)
+    else:
+        samples = (dataset[i] for i in range(min(count, len(dataset))))
     moments = ChannelMoments.empty(tokenizer.latent_channels)
-    for start in range(0, min(count, len(dataset)), 64):
-        batch = collate_samples([dataset[i] for i in range(start, min(start + 64, count, len(dataset)))])
-        images = batch["image"].to(device)
+    while chunk := list(itertools.islice(samples, 64)):
+        images = collate_samples(chunk)["image"].to(device)
         with torch.no_grad():
             for x in (images, images.flip(-1)):
                 moments = moments.merge(ChannelMoments.of(tokenizer.encode(x).cpu()))
@@ -261,17 +267,23 @@ def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
     from aligntok.data.buckets import (
         BucketBatchSampler,
         BucketedImages,
+        IndexedShards,
         assign_buckets,
         bucket_table,
         image_sizes,
     )
-    from aligntok.data.images import IndexedImageDataset
+    from aligntok.data.shards import ShardDataset
 
-    if not isinstance(dataset, IndexedImageDataset):
-        raise ConfigError("data.buckets needs an image folder or builtin:NAME (streamed shards are not bucketed yet)")
+    if isinstance(dataset, ShardDataset):  # random access into the tars; sizes from KEY.json
+        dataset = IndexedShards(cfg.data.train, cfg.data.resolution, seed=cfg.train.seed)
     table = bucket_table(cfg.data.resolution, cfg.data.buckets, multiple)
     paths = getattr(dataset, "paths", None)
-    sizes = image_sizes(paths) if paths is not None else [(cfg.data.resolution,) * 2] * len(dataset)
+    if isinstance(dataset, IndexedShards):
+        sizes = dataset.sizes()
+    elif paths is not None:
+        sizes = image_sizes(paths)
+    else:  # builtin: square
+        sizes = [(cfg.data.resolution,) * 2] * len(dataset)
     ids = assign_buckets(sizes, table)
     histogram = {f"{h}x{w}": ids.count(i) for i, (h, w) in enumerate(table)}
     log.info("aspect-ratio buckets (HxW: images): %s", histogram)
