@@ -126,7 +126,7 @@ def test_indexed_shards_give_random_access_and_json_sizes(tmp_path):
     shards = IndexedShards(str(tmp_path / "{000000..000002}.tar"), 32)
     assert len(shards) == 6
     assert shards.sizes() == [(32, 32), (48, 32), (32, 32), (48, 32), (32, 32), (48, 32)]  # the jpg is never decoded
-    image, label, caption = shards.load(3)
+    image, _, caption = shards.load(3)
     assert caption == "picture 3" and image.size == (48, 32) and image.getpixel((0, 0)) == (120, 0, 0)
     with pytest.raises(BadImageError):
         shards.load(5)
