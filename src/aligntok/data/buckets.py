@@ -264,3 +264,36 @@ class IndexedShards(IndexedImageDataset):
             except ValueError:
                 label = -1
         return image, label, caption
+
+
+def bucketed_loader_factory(dataset, spec: str, resolution: int, ratios: Sequence[str], multiple: int, batch_size: int,
+                            *, rank: int, world_size: int, seed: int, hflip: bool, num_workers: int):
+    """``start_step -> batches`` drawing each global batch from one bucket: ``dataset`` (an image folder,
+    builtin:NAME or WebDataset shards of ``spec``, without flips) served at the bucket sizes of ``ratios``."""
+    import logging
+
+    from torch.utils.data import DataLoader
+
+    from aligntok.data.loader import collate_samples
+    from aligntok.data.shards import ShardDataset
+
+    if isinstance(dataset, ShardDataset):  # random access into the tars; sizes from KEY.json
+        dataset = IndexedShards(spec, resolution, seed=seed)
+    table = bucket_table(resolution, ratios, multiple)
+    if isinstance(dataset, IndexedShards):
+        sizes = dataset.sizes()
+    elif getattr(dataset, "paths", None) is not None:
+        sizes = image_sizes(dataset.paths)
+    else:  # builtin: square
+        sizes = [(resolution, resolution)] * len(dataset)
+    ids = assign_buckets(sizes, table)
+    histogram = {f"{h}x{w}": ids.count(i) for i, (h, w) in enumerate(table)}
+    logging.getLogger(__name__).info("aspect-ratio buckets (HxW: images): %s", histogram)
+    data = BucketedImages(dataset, table, ids, hflip=hflip, seed=seed)
+
+    def factory(start_step: int):
+        sampler = BucketBatchSampler(ids, batch_size, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
+        return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers,
+                               generator=torch.Generator().manual_seed(seed)))
+
+    return factory

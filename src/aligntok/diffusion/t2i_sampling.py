@@ -50,7 +50,7 @@ class T2ISampleConfig:
     grid_max: int = 64  #: the first this-many images go into grid.png
     sampler: SamplerConfig = dataclasses.field(
         default_factory=lambda: SamplerConfig(num_steps=30, cfg_scale=4.0, cfg_interval_start=0.0, timestep_shift=0.0)
-    )  #: timestep_shift 0 = FLUX's rule for the token count (see t2i_training.resolution_shift)
+    )  #: timestep_shift 0 = FLUX's rule for the token count (see transport.resolution_shift)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -104,7 +104,7 @@ class T2IGenerator:
         return height // stride, width // stride
 
     def shift_for(self, rows: int, cols: int, sampler: SamplerConfig) -> SamplerConfig:
-        from aligntok.diffusion.t2i_training import resolution_shift
+        from aligntok.diffusion.transport import resolution_shift
 
         if sampler.timestep_shift > 0:
             return sampler

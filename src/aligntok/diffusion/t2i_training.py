@@ -3,7 +3,7 @@
 Rectified flow in aligntok's convention (:mod:`.transport`: t = 0 noise) with logit-normal t moved by a
 resolution-dependent shift: FLUX's ``mu`` is linear in the image token count (0.5 at 256 tokens, 1.15 at
 4096) and shifts sigma by ``S = exp(mu)``; in aligntok's time that is the sampler's shift
-``t -> s t / (1 + (s - 1) t)`` with ``s = 1 / S`` (:func:`resolution_shift`). Plain MSE by default
+``t -> s t / (1 + (s - 1) t)`` with ``s = 1 / S`` (:func:`.transport.resolution_shift`). Plain MSE by default
 (``transport.cosine_weight: 0``), as FLUX and SD3 train.
 
 Per step: images are encoded by the frozen tokenizer (or latents come from a cache), normalised per
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,12 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, TrainConfig
-from aligntok.diffusion.transport import Transport, TransportConfig
+from aligntok.diffusion.transport import (
+    Transport,
+    TransportConfig,
+    resolution_shift,
+    shift_time,
+)
 from aligntok.models.t2i import PRESET_FIELDS, T2I_PRESETS, T2IConfig, T2ITransformer
 from aligntok.models.text import TextConditioner, TextConfig
 
@@ -38,18 +42,6 @@ log = logging.getLogger(__name__)
 
 _SEED_MASK = (1 << 64) - 1
 _DROPOUT_TAG = 0xD20F  # own stream: never shared with flips or data order
-
-
-def resolution_shift(num_tokens: int, base: tuple[int, float] = (256, 0.5), top: tuple[int, float] = (4096, 1.15)) -> float:
-    """aligntok's time shift ``s`` for ``num_tokens`` image tokens: 1 / exp(mu), FLUX's linear mu rule
-    (diffusers ``calculate_shift``). 256 tokens -> 1/1.65 = 0.61; 1024 tokens -> 1/1.88 = 0.53."""
-    slope = (top[1] - base[1]) / (top[0] - base[0])
-    return math.exp(-(base[1] + slope * (num_tokens - base[0])))
-
-
-def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """``s t / (1 + (s - 1) t)``: the sampler's grid shift applied to training times (s < 1: towards noise)."""
-    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
 
 
 def caption_dropped(seed: int, step: int, keys: list[int], rate: float) -> list[bool]:
@@ -259,46 +251,6 @@ def _caption_cache(data: T2IDataConfig, tokenizer):
     return dataset
 
 
-def _bucket_loader(cfg: T2ITrainConfig, dataset, multiple: int, dist):
-    """A loader factory drawing each global batch from one aspect-ratio bucket (see data/buckets.py)."""
-    from torch.utils.data import DataLoader
-
-    from aligntok.data import collate_samples
-    from aligntok.data.buckets import (
-        BucketBatchSampler,
-        BucketedImages,
-        IndexedShards,
-        assign_buckets,
-        bucket_table,
-        image_sizes,
-    )
-    from aligntok.data.shards import ShardDataset
-
-    if isinstance(dataset, ShardDataset):  # random access into the tars; sizes from KEY.json
-        dataset = IndexedShards(cfg.data.train, cfg.data.resolution, seed=cfg.train.seed)
-    table = bucket_table(cfg.data.resolution, cfg.data.buckets, multiple)
-    paths = getattr(dataset, "paths", None)
-    if isinstance(dataset, IndexedShards):
-        sizes = dataset.sizes()
-    elif paths is not None:
-        sizes = image_sizes(paths)
-    else:  # builtin: square
-        sizes = [(cfg.data.resolution,) * 2] * len(dataset)
-    ids = assign_buckets(sizes, table)
-    histogram = {f"{h}x{w}": ids.count(i) for i, (h, w) in enumerate(table)}
-    log.info("aspect-ratio buckets (HxW: images): %s", histogram)
-    data = BucketedImages(dataset, table, ids, hflip=cfg.data.hflip, seed=cfg.train.seed)
-    per_rank = cfg.train.batch_size // dist.world_size
-
-    def factory(start_step: int):
-        sampler = BucketBatchSampler(ids, per_rank, rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
-                                     start_step=start_step)
-        return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_samples, num_workers=cfg.data.num_workers,
-                               generator=torch.Generator().manual_seed(cfg.train.seed)))
-
-    return factory
-
-
 def _validating_trainer(cfg: T2ITrainConfig, task: T2ITask, stats: tuple[list[float], list[float]], **kwargs):
     """The engine, rendering ``cfg.validation`` grids after the checkpoints it asks for."""
     from aligntok.diffusion.samplers import SamplerConfig
@@ -389,7 +341,11 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
                             num_workers=cfg.data.num_workers, start_step=start_step)
 
     if cfg.data.buckets:  # sides in 16-px multiples: the token size of every tokenizer after packing
-        loader_factory = _bucket_loader(cfg, stats_set, 16, dist)
+        from aligntok.data.buckets import bucketed_loader_factory
+
+        loader_factory = bucketed_loader_factory(
+            stats_set, cfg.data.train, cfg.data.resolution, cfg.data.buckets, 16, per_rank, rank=dist.rank,
+            world_size=dist.world_size, seed=cfg.train.seed, hflip=cfg.data.hflip, num_workers=cfg.data.num_workers)
 
     started = time.perf_counter()
     trainer = _validating_trainer(cfg, task, (mean, std), train=cfg.train, optim={"model": cfg.optim},
