@@ -298,7 +298,7 @@ def _add_t2i_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt i's noise is seeded from (seed, i)")
     p.add_argument("--method", default="euler", help="euler or heun (ODE), euler_maruyama (SDE)")
     p.add_argument("--interval-start", type=float, default=0.0, help="guidance only for t >= this (t=0 is noise)")
-    p.add_argument("--shift", type=float, default=0.0, help="timestep shift s; 0 = FLUX's rule for the token count")
+    p.add_argument("--shift", type=float, default=0.0, help="timestep shift s (t=0 noise); 0 = FLUX's rule for the token count, 1 = none")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per model call")
     p.set_defaults(func=_sample_t2i)
 
