@@ -92,7 +92,9 @@ class T2IGenerator:
         model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
         tok = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
         fields = {f.name for f in dataclasses.fields(TextConfig)}
-        config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})  # standin:NAME is re-resolved
+        config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})
+        if Path(info["text"].get("encoder_path", "")).is_dir():  # the very encoder trained with, when still there
+            config.encoder = info["text"]["encoder_path"]
         text = TextConditioner(config, progress=False).to(device)
         return cls(model, tok, text, info["latent_mean"], info["latent_std"], info["resolution"])
 
