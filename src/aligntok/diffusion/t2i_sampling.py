@@ -93,8 +93,9 @@ class T2IGenerator:
         tok = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
         fields = {f.name for f in dataclasses.fields(TextConfig)}
         config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})
-        if Path(info["text"].get("encoder_path", "")).is_dir():  # the very encoder trained with, when still there
-            config.encoder = info["text"]["encoder_path"]
+        recorded = info["text"].get("encoder_path")
+        if recorded and Path(recorded).is_dir():  # the very encoder trained with, when still there
+            config.encoder = recorded
         text = TextConditioner(config, progress=False).to(device)
         return cls(model, tok, text, info["latent_mean"], info["latent_std"], info["resolution"])
 
