@@ -161,6 +161,7 @@ def _cache_latents(args: argparse.Namespace) -> None:
     result = cache_latents(
         args.tokenizer, args.data, args.out, resolution=args.resolution, batch_size=args.batch_size,
         shard_size=args.shard_size, num_workers=args.num_workers, builtin_size=args.builtin_size,
+        captions=args.captions,
     )
     if is_main():
         meta = result.metadata
@@ -219,6 +220,40 @@ def _sample(args: argparse.Namespace) -> None:
     destroy_distributed()
 
 
+def _train_t2i(args: argparse.Namespace) -> None:
+    from aligntok.config import load_config, save_config
+    from aligntok.diffusion.t2i_training import T2ITrainConfig, train_t2i
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    cfg = load_config(T2ITrainConfig, args.config, args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, args.out / "config.yaml")
+    path = train_t2i(cfg, args.out)
+    if is_main():
+        print(f"model: {path}")
+    destroy_distributed()
+
+
+def _sample_t2i(args: argparse.Namespace) -> None:
+    from aligntok.diffusion.samplers import SamplerConfig
+    from aligntok.diffusion.t2i_sampling import (
+        T2ISampleConfig,
+        read_prompts,
+        sample_t2i,
+    )
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    sampler = SamplerConfig(method=args.method, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                            cfg_interval_start=args.interval_start, timestep_shift=args.shift)
+    config = T2ISampleConfig(height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size,
+                             sampler=sampler)
+    sample_t2i(args.model, args.tokenizer, prompts, args.out, config)
+    if is_main():
+        print(f"wrote {len(prompts)} images, grid.png and sampling.json to {args.out}")
+    destroy_distributed()
+
+
 def _import_lightningdit(args: argparse.Namespace) -> None:
     from aligntok.models.lightningdit import import_lightningdit_checkpoint, preset_of
 
@@ -257,7 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diffusion_parsers(sub)
     _add_experiment_parsers(sub)
     add_ecosystem_parsers(sub)
+    _add_t2i_parsers(sub)
     return parser
+
+
+def _add_t2i_parsers(sub: argparse._SubParsersAction) -> None:
+    """`aligntok train-t2i` and `sample-t2i`: text-to-image on tokenizer latents."""
+    p = sub.add_parser("train-t2i", help="train the FLUX-architecture text-to-image model; re-running resumes")
+    p.add_argument("config", type=Path, help="YAML config (e.g. configs/t2i/tiny.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: RUN/model (EMA weights) and RUN/train")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.set_defaults(func=_train_t2i)
+
+    p = sub.add_parser("sample-t2i", help="images from prompts: one PNG each, grid.png and the settings")
+    p.add_argument("--model", type=Path, required=True, help="T2I model directory (RUN/model of train-t2i)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer whose latents the model was trained on")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="one prompt")
+    given.add_argument("--prompts", type=Path, help="a file: one prompt per line, or .json/.jsonl with 'prompt'")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--height", type=int, help="pixels (default: the training resolution)")
+    p.add_argument("--width", type=int, help="pixels (default: the training resolution)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale against the empty caption (1 = none)")
+    p.add_argument("--steps", type=int, default=30, help="integration steps")
+    p.add_argument("--seed", type=int, default=0, help="prompt i's noise is seeded from (seed, i)")
+    p.add_argument("--method", default="euler", help="euler or heun (ODE), euler_maruyama (SDE)")
+    p.add_argument("--interval-start", type=float, default=0.0, help="guidance only for t >= this (t=0 is noise)")
+    p.add_argument("--shift", type=float, default=0.0, help="timestep shift s (t=0 noise); 0 = FLUX's rule for the token count, 1 = none")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per model call")
+    p.set_defaults(func=_sample_t2i)
 
 
 def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
@@ -294,6 +357,7 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10000, help="images per cache shard (WebDataset input: one per tar)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes per rank")
     p.add_argument("--builtin-size", type=int, default=10000, help="images in a builtin:NAME dataset")
+    p.add_argument("--captions", action="store_true", help="keep each caption (and its flipped form) for train-t2i")
     p.set_defaults(func=_cache_latents)
 
     p = sub.add_parser("train-dit", help="train LightningDiT on cached (or on-the-fly) latents; re-running resumes")

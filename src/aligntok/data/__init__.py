@@ -2,7 +2,7 @@
 
 Data specs (one string, used everywhere a command takes data):
 
-- ``builtin:NAME``: a built-in synthetic dataset generated on the fly (``builtin:shapes``);
+- ``builtin:NAME``: a built-in synthetic dataset generated on the fly (``builtin:shapes``, ``builtin:scenes``);
 - a folder of images: one subfolder per class (sorted, labels 0..K-1, as ImageNet) or flat (label -1);
 - WebDataset shards: ``dir/{000000..000127}.tar`` or a single ``.tar`` path;
 - ``hf:NAME[:SPLIT]``: a Hugging Face dataset's parquet files (Hub id or local copy), streamed as shards.
@@ -30,11 +30,14 @@ from aligntok.data.images import (
     to_tensor,
 )
 from aligntok.data.loader import build_loader, collate_samples
+from aligntok.data.scenes import ScenesDataset
 from aligntok.data.shards import ShardDataset, is_shard_spec, write_shards
+
+BUILTIN_DATASETS["scenes"] = ScenesDataset  # registered here: scenes.py builds on builtin.py
 
 __all__ = [
     "BUILTIN_DATASETS", "BadImageError", "ImageFolderDataset", "IndexedImageDataset", "SampleKey",
-    "ShapesDataset", "ShardDataset", "build_dataset", "build_loader", "center_crop", "collate_samples",
+    "ScenesDataset", "ShapesDataset", "ShardDataset", "build_dataset", "build_loader", "center_crop", "collate_samples",
     "load_image", "to_tensor", "write_shards",
 ]
 

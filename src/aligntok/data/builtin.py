@@ -12,6 +12,7 @@ functions evaluated at the output resolution, so they do not alias.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -148,6 +149,11 @@ def _make_layer(rng: np.random.Generator, kind: str, radius: float, center: tupl
 
 def _size_word(radius: float) -> str:
     return "small" if radius < 0.22 else "medium" if radius < 0.31 else "large"
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of the horizontally mirrored image: "left" and "right" exchanged."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
 def _position_words(center: tuple[float, float]) -> str:
@@ -296,10 +302,16 @@ def _background(scene: Scene, resolution: int) -> np.ndarray:
 
 def render_scene(scene: Scene, resolution: int) -> Image.Image:
     """Draw a scene as an 8-bit RGB image of side ``resolution``."""
+    return render_layers(scene, (scene.distractor, scene.main), resolution)
+
+
+def render_layers(backdrop, layers, resolution: int) -> Image.Image:
+    """Draw ``layers`` (back to front; None entries skipped) over the background of ``backdrop`` (anything
+    with a Scene's ``background*`` fields) as an 8-bit RGB image of side ``resolution``."""
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    canvas = _background(scene, resolution)
-    for layer in (scene.distractor, scene.main):
+    canvas = _background(backdrop, resolution)
+    for layer in layers:
         if layer is not None:
             alpha = _coverage(layer, resolution)
             canvas = canvas * (1 - alpha) + _layer_colours(layer, resolution) * alpha
@@ -326,6 +338,9 @@ class ShapesDataset(IndexedImageDataset):
     def caption(self, index: int) -> str:
         """The caption of image ``index`` without rendering it."""
         return self.scene(index).caption
+
+    def flip_caption(self, caption: str) -> str:
+        return swap_left_right(caption)
 
     def load(self, index: int) -> tuple[Image.Image, int, str]:
         scene = self.scene(index)

@@ -247,6 +247,10 @@ class IndexedImageDataset(Dataset):
     def describe(self, index: int) -> str:
         return f"{self.source}[{index}]"
 
+    def flip_caption(self, caption: str) -> str:
+        """The caption of the horizontally flipped image; unchanged here (web captions are not rewritten)."""
+        return caption
+
     def __getitem__(self, key: int | SampleKey) -> dict:
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         n = len(self)
@@ -268,6 +272,7 @@ class IndexedImageDataset(Dataset):
                     # The flip belongs to the draw (requested index), not to the replacement image.
                     if self.hflip and should_flip(self.seed, epoch, index):
                         tensor = tensor.flip(-1)
+                        caption = self.flip_caption(caption)
                     return make_sample(tensor, label, caption, position, skipped)
             skipped.append(f"{self.describe(position)}: {reason}")
         raise ValueError(f"all {n} images in {self.source} are unreadable (first: {skipped[0]})")

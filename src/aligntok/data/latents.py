@@ -174,10 +174,10 @@ class CacheResult:
 def _encode_unit(
     tokenizer: Any, dataset: Dataset, unit: _Unit, *, batch_size: int, num_workers: int,
     latent_shape: tuple[int, int, int], progress: Any,
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of one shard and the files skipped in it."""
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The tensors of one shard, the files skipped in it and the captions of its samples."""
     device = next(tokenizer.parameters()).device
-    latents, flipped, labels, indices, skipped = [], [], [], [], []
+    latents, flipped, labels, indices, skipped, captions = [], [], [], [], [], []
     seen = 0  # samples of this unit read so far
     for batch in _unit_batches(dataset, unit, batch_size, num_workers):
         skipped.extend(batch["skipped"])
@@ -200,6 +200,7 @@ def _encode_unit(
             flipped.append(tokenizer.encode(images.flip(-1)).float().cpu())
         labels.append(batch["label"][keep].long())
         indices.append(index[keep])
+        captions += [c for c, k in zip(batch.get("caption", [""] * len(index)), keep.tolist()) if k]
     empty = torch.zeros((0, *latent_shape))
     z = torch.cat(latents) if latents else empty
     z_flip = torch.cat(flipped) if flipped else empty
@@ -214,7 +215,7 @@ def _encode_unit(
         "stat_m2": moments.m2,
     }
     # A run of bad files is listed by every draw that passed over it: keep each file once.
-    return tensors, list(dict.fromkeys(skipped))
+    return tensors, list(dict.fromkeys(skipped)), captions
 
 
 def _resolved_spec(data: str) -> str:
@@ -268,6 +269,7 @@ def cache_latents(
     num_workers: int = 2,
     builtin_size: int = 10000,
     progress: bool = True,
+    captions: bool = False,
 ) -> CacheResult:
     """Encode every image of ``data`` (plain and flipped) into a sharded cache in ``out_dir``.
 
@@ -276,6 +278,8 @@ def cache_latents(
     ``tokenizer_dir`` is a local aligntok tokenizer directory, which is updated with the statistics, or
     any other tokenizer source (a hub id, a diffusers AutoencoderKL): its aligntok copy is saved as
     ``out_dir/tokenizer`` and gets the statistics (use that copy to sample from a DiT trained on the cache).
+    ``captions`` keeps each sample's caption and the flipped image's caption (built-in captions swap
+    left/right) in its shard's metadata, and the image size (its bucket) in cache.json, for text-to-image.
     """
     from aligntok import __version__
     from aligntok.eval.provenance import sha256_file
@@ -310,6 +314,9 @@ def cache_latents(
         "num_shards": len(units),
         "latent_shape": list(latent_shape),
     }
+    if captions:  # only when asked: caches made before captions existed keep their plan
+        plan.update(captions=True, image_size=[resolution, resolution])
+    flip_caption = getattr(dataset, "flip_caption", lambda caption: caption)
 
     def prepare() -> tuple[dict[str, Any], list[int]]:
         plan["tokenizer_sha256"] = sha256_file(tokenizer_dir / WEIGHTS_NAME)
@@ -324,12 +331,14 @@ def cache_latents(
     written: list[int] = []
     with progress_bar(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
         for unit in mine:
-            tensors, skipped = _encode_unit(
+            tensors, skipped, texts = _encode_unit(
                 tokenizer, dataset, unit, batch_size=batch_size, num_workers=num_workers,
                 latent_shape=latent_shape, progress=bar,
             )
             # Atomic: a kill or a full disk leaves no shard rather than half of one, and a re-run encodes it.
-            save_safetensors(tensors, out / unit.file_name, metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped)})
+            extra = {"captions": json.dumps([[c, flip_caption(c)] for c in texts])} if captions else {}
+            save_safetensors(tensors, out / unit.file_name,
+                             metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped), **extra})
             written.append(unit.number)
     dist.barrier()
 
@@ -456,7 +465,8 @@ def read_cache_metadata(cache_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class LatentDataset(Dataset):
-    """A finished latent cache as a map-style dataset of ``{"latent", "latent_flip", "label", "index"}``.
+    """A finished latent cache as a map-style dataset of ``{"latent", "latent_flip", "label", "index"}``
+    (plus ``caption`` and ``caption_flip`` for a cache made with ``captions``).
 
     Items are read lazily from the safetensors shards (each process opens them on first use), so the
     dataset is cheap to send to DataLoader workers whatever the cache's size.
@@ -476,13 +486,15 @@ class LatentDataset(Dataset):
         self.num_classes = int(self.metadata["num_classes"])
         self.latent_mean = torch.tensor(self.metadata["latent_mean"], dtype=torch.float32)
         self.latent_std = torch.tensor(self.metadata["latent_std"], dtype=torch.float32)
+        self.has_captions = bool(self.metadata.get("captions"))
         self._open: dict[int, Any] = {}
+        self._captions: dict[int, list[list[str]]] = {}
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_open": {}}  # open file handles stay in the process that opened them
+        return {**self.__dict__, "_open": {}, "_captions": {}}  # open file handles stay in the process that opened them
 
     def _shard(self, number: int) -> Any:
         if number not in self._open:
@@ -496,7 +508,13 @@ class LatentDataset(Dataset):
         number = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[number]
         shard = self._shard(number)
+        texts = {}
+        if self.has_captions:
+            if number not in self._captions:
+                self._captions[number] = json.loads(shard.metadata()["captions"])
+            texts = dict(zip(("caption", "caption_flip"), self._captions[number][row], strict=True))
         return {
+            **texts,
             "latent": shard.get_slice("latents")[row : row + 1][0],
             "latent_flip": shard.get_slice("latents_flip")[row : row + 1][0],
             "label": int(shard.get_slice("labels")[row : row + 1][0]),

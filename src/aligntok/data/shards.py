@@ -107,7 +107,8 @@ def write_shards(
 
     Each sample is a dict with ``image`` (PIL image, (3,H,W) tensor in [-1,1] or uint8, or (H,W,3)
     uint8 array), and optionally ``label`` (int; -1 or absent for none) and ``caption`` (str).
-    Images are stored losslessly as PNG, labels as ``cls`` and captions as ``txt``. Returns the shard
+    Images are stored losslessly as PNG, labels as ``cls``, captions as ``txt``, and width, height and caption
+    as ``json`` (img2dataset's layout). Returns the shard
     paths written; read them back with the spec ``dir/{000000..00000N}.tar``.
     """
     if maxcount < 1:
@@ -132,7 +133,10 @@ def write_shards(
                 raise ValueError(f"write_shards: sample {number} has no 'image'")
             label = int(sample.get("label", -1))
             caption = str(sample.get("caption", ""))
-            record = {"__key__": f"{number:09d}", "png": _png_bytes(_to_pil(sample["image"]))}
+            image = _to_pil(sample["image"])
+            record = {"__key__": f"{number:09d}", "png": _png_bytes(image)}
+            # img2dataset's metadata: sizes let aspect-ratio buckets be assigned without decoding
+            record["json"] = json.dumps({"width": image.width, "height": image.height, "caption": caption}).encode()
             if label >= 0:
                 record["cls"] = str(label).encode()
                 top_label = max(top_label, label)

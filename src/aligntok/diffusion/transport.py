@@ -19,6 +19,7 @@ whatever precision the model runs in.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,3 +121,17 @@ class Transport:
         x_t, target = interpolate(latents, noise, t)
         predicted = model(x_t, t, **(model_kwargs or {}))
         return velocity_loss(predicted, target, self.config.cosine_weight)
+
+
+def resolution_shift(
+    num_tokens: int, base: tuple[int, float] = (256, 0.5), top: tuple[int, float] = (4096, 1.15)
+) -> float:
+    """aligntok's time shift ``s`` for ``num_tokens`` image tokens: 1 / exp(mu), FLUX's linear mu rule
+    (diffusers ``calculate_shift``). 256 tokens -> 1/1.65 = 0.61; 1024 tokens -> 1/1.88 = 0.53."""
+    slope = (top[1] - base[1]) / (top[0] - base[0])
+    return math.exp(-(base[1] + slope * (num_tokens - base[0])))
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s t / (1 + (s - 1) t)``: the sampler's grid shift applied to training times (s < 1: towards noise)."""
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
