@@ -258,3 +258,33 @@ def test_a_prompts_image_does_not_depend_on_its_batch(setup, tiny_run, tmp_path)
         images[batch] = [np.asarray(Image.open(tmp_path / str(batch) / f"{i:05d}.png"), np.int16) for i in range(3)]
     for a, b in zip(images[1], images[3], strict=True):  # other padding lengths: equal up to float rounding
         assert np.abs(a - b).max() <= 1
+
+
+def test_an_interrupted_sample_t2i_resumes_with_only_the_missing_batches(setup, tiny_run, tmp_path, monkeypatch):
+    from aligntok.diffusion import t2i_sampling
+    from aligntok.diffusion.samplers import SamplerConfig
+    from aligntok.diffusion.t2i_sampling import T2ISampleConfig, sample_t2i
+
+    prompts = ["a red circle", "two blue squares", "a green cross", "a heart"]
+    config = T2ISampleConfig(batch_size=2, seed=1, sampler=SamplerConfig(num_steps=2, cfg_scale=2.0))
+    sample_t2i(tiny_run[1], setup / "tok", prompts, tmp_path / "straight", config)
+    real_generate, calls = t2i_sampling.T2IGenerator.generate, []
+
+    def generate(self, batch_prompts, indices, cfg):
+        calls.append(list(indices))
+        if kill and len(calls) == 2:
+            raise KeyboardInterrupt  # the machine stops mid-run
+        return real_generate(self, batch_prompts, indices, cfg)
+
+    monkeypatch.setattr(t2i_sampling.T2IGenerator, "generate", generate)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        sample_t2i(tiny_run[1], setup / "tok", prompts, tmp_path / "resumed", config)
+    calls.clear()
+    kill = False
+    sample_t2i(tiny_run[1], setup / "tok", prompts, tmp_path / "resumed", config)
+    assert calls == [[2, 3]]  # the first batch came from the interrupted run
+    for i in range(len(prompts)):
+        straight = np.asarray(Image.open(tmp_path / "straight" / f"{i:05d}.png"))
+        assert np.array_equal(straight, np.asarray(Image.open(tmp_path / "resumed" / f"{i:05d}.png")))
+    assert not (tmp_path / "resumed" / ".parts").exists()

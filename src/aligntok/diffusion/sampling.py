@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,9 +188,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(file, array)
 
 
-def _run_identity(dit: str | os.PathLike, tokenizer: str | os.PathLike, config: SampleConfig, device: Any) -> dict[str, Any]:
-    """What the batches of a run depend on: the settings, the device kind, and the model files (by size and
-    modification time, so a retrained DiT or re-cached statistics make earlier batches stale)."""
+def run_identity(models: dict[str, str | os.PathLike], settings: Any, device: Any) -> dict[str, Any]:
+    """What the batches of a run depend on: ``settings`` (JSON-able, or a dataclass), the device kind, and the
+    files of each model directory in ``models`` (by size and modification time, so a retrained model or
+    re-cached statistics make earlier batches stale)."""
 
     def files(source: str | os.PathLike) -> Any:
         folder = Path(source)
@@ -198,10 +199,10 @@ def _run_identity(dit: str | os.PathLike, tokenizer: str | os.PathLike, config: 
             return str(source)  # a hub id: its revision is fixed by the cache
         return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
 
+    settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
     return {
-        "dit": [str(Path(dit).resolve()), files(dit)],
-        "tokenizer": [str(tokenizer), files(tokenizer)],
-        "config": dataclasses.asdict(config),
+        **{name: [str(Path(source).resolve()), files(source)] for name, source in models.items()},
+        "settings": settings,
         "device": torch.device(device).type,
     }
 
@@ -217,6 +218,31 @@ def _prepare_parts(parts: Path, identity: dict[str, Any]) -> None:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
         write_text_atomically(plan, json.dumps(identity, indent=2) + "\n")
+
+
+def run_batches(
+    parts: Path, identity: dict[str, Any], num_batches: int, make_batch: Callable[[int], np.ndarray], dist: Any
+) -> np.ndarray | None:
+    """Batch ``b`` of ``num_batches`` made as ``make_batch(b)`` (uint8 NHWC) on rank ``b % world_size``.
+
+    Each finished batch is kept under ``parts`` (written atomically), so a run interrupted by a kill or a full
+    disk resumes with only the missing batches when ``identity`` (:func:`run_identity`) is unchanged. Every
+    rank calls this; rank 0 gets every batch concatenated in order, the others None. The caller removes
+    ``parts`` once its outputs are written.
+    """
+    if dist.is_main:
+        _prepare_parts(parts, identity)
+    dist.barrier()
+    for batch in range(dist.rank, num_batches, dist.world_size):
+        part = parts / f"batch-{batch:06d}.npy"
+        if part.is_file():  # made by an interrupted run of the same settings
+            continue
+        images = make_batch(batch)
+        replace_atomically(part, lambda staging, images=images: _save_npy(staging, images))
+    dist.barrier()
+    if not dist.is_main:
+        return None
+    return np.concatenate([np.load(parts / f"batch-{b:06d}.npy") for b in range(num_batches)])
 
 
 def sample_to_directory(
@@ -254,22 +280,17 @@ def sample_to_directory(
     labels = sample_labels(config.num, model.num_classes, config.labels)
     out = Path(out_dir)
     parts = out / PARTS_DIR
-    if dist.is_main:
-        _prepare_parts(parts, _run_identity(dit, tokenizer, config, dist.device))
-    dist.barrier()
-
     started = time.perf_counter()
     num_batches = math.ceil(config.num / config.batch_size)
-    for batch in range(dist.rank, num_batches, dist.world_size):
-        part = parts / f"batch-{batch:06d}.npy"
-        if part.is_file():  # made by an interrupted run of the same settings
-            continue
+
+    def make_batch(batch: int) -> np.ndarray:
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, config.num))
-        images = decode_samples(
+        return decode_samples(
             model, tok, labels[indices.start : indices.stop], indices, sampler, config.seed, (latent_mean, latent_std)
         )
-        replace_atomically(part, lambda staging, images=images: _save_npy(staging, images))
-    dist.barrier()
+
+    images = run_batches(parts, run_identity({"dit": dit, "tokenizer": tokenizer}, config, dist.device), num_batches,
+                         make_batch, dist)
 
     settings = {
         "dit": str(dit),
@@ -291,8 +312,7 @@ def sample_to_directory(
         "aligntok_version": __version__,
     }
     result = SampleResult(out, out / SAMPLES_FILE, out / GRID_FILE, settings)
-    if dist.is_main:
-        images = np.concatenate([np.load(parts / f"batch-{b:06d}.npy") for b in range(num_batches)])
+    if images is not None:  # rank 0
         settings["image_size"] = list(images.shape[1:3])
         settings["seconds"] = round(time.perf_counter() - started, 3)
         save_npz(images, result.samples, labels.numpy())  # atomic, like every file below

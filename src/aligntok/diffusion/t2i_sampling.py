@@ -11,7 +11,9 @@ encoded together, and the sampler's "labels" index those rows (the null label is
 Time follows aligntok's convention; the grid shift defaults to FLUX's rule for the sampled token count.
 
 Outputs: ``00000.png ...`` (one per prompt), ``grid.png`` and ``sampling.json`` (prompts and every setting).
-Ranks hand their images to rank 0 through ``OUT/.parts`` (multi-node runs need a shared file system).
+Ranks hand their images to rank 0 through ``OUT/.parts`` (multi-node runs need a shared file system); an
+interrupted run keeps its finished batches there and the same command makes only the missing ones
+(:func:`.sampling.run_batches`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,17 @@ from aligntok.diffusion.sampling import (
     PARTS_DIR,
     SETTINGS_FILE,
     _image_grid,
+    run_batches,
+    run_identity,
     sample_generator,
 )
+from aligntok.io import replace_atomically, write_text_atomically
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    replace_atomically(path, lambda staging: Image.fromarray(image).save(staging, format="PNG"))
 
 
 @dataclasses.dataclass
@@ -137,19 +148,16 @@ class T2IGenerator:
 def render_grid(generator: T2IGenerator, prompts: Sequence[str], path: str | os.PathLike,
                 config: T2ISampleConfig) -> Path:
     """All ``prompts`` (in batches of ``config.batch_size``) tiled into one PNG at ``path`` (validation grids)."""
-    from PIL import Image
-
     batches = [generator.generate(prompts[i : i + config.batch_size], range(i, min(i + config.batch_size, len(prompts))),
                                   config) for i in range(0, len(prompts), config.batch_size)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_image_grid(np.concatenate(batches))).save(path)
+    _save_png(Path(path), _image_grid(np.concatenate(batches)))
     return Path(path)
 
 
 def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, prompts: Sequence[str],
                out_dir: str | os.PathLike, config: T2ISampleConfig | None = None) -> dict[str, Any]:
     """One image per prompt into ``out_dir`` (see the module doc); returns the settings written. torchrun-aware."""
-    from PIL import Image
 
     from aligntok import __version__
     from aligntok.training import distributed
@@ -164,18 +172,16 @@ def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, promp
     generator = T2IGenerator.load(model_dir, tokenizer, dist.device)
     out = Path(out_dir)
     parts = out / PARTS_DIR
-    if dist.is_main:
-        shutil.rmtree(parts, ignore_errors=True)
-        parts.mkdir(parents=True)
-    dist.barrier()
     started = time.perf_counter()
     num_batches = math.ceil(len(prompts) / config.batch_size)
-    for batch in range(dist.rank, num_batches, dist.world_size):
+
+    def make_batch(batch: int) -> np.ndarray:
         indices = range(batch * config.batch_size, min((batch + 1) * config.batch_size, len(prompts)))
-        images = generator.generate([prompts[i] for i in indices], indices, config)
-        np.save(parts / f".batch-{batch:06d}.tmp.npy", images)
-        os.replace(parts / f".batch-{batch:06d}.tmp.npy", parts / f"batch-{batch:06d}.npy")
-    dist.barrier()
+        return generator.generate([prompts[i] for i in indices], indices, config)
+
+    identity = run_identity({"model": model_dir, "tokenizer": tokenizer},
+                            {"config": dataclasses.asdict(config), "prompts": list(prompts)}, dist.device)
+    images = run_batches(parts, identity, num_batches, make_batch, dist)
     rows, cols = generator.latent_size(config.height, config.width)
     settings = {
         "model": str(model_dir), "tokenizer": str(tokenizer), "prompts": list(prompts), "seed": config.seed,
@@ -185,13 +191,12 @@ def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, promp
         "guidance": "classifier-free against the empty caption", "world_size": dist.world_size,
         "device": str(dist.device), "aligntok_version": __version__,
     }
-    if dist.is_main:
-        images = np.concatenate([np.load(parts / f"batch-{b:06d}.npy") for b in range(num_batches)])
+    if images is not None:  # rank 0; every file atomic, so a kill leaves whole files and the parts to resume
         for i, image in enumerate(images):
-            Image.fromarray(image).save(out / f"{i:05d}.png")
-        Image.fromarray(_image_grid(images[: config.grid_max])).save(out / GRID_FILE)
+            _save_png(out / f"{i:05d}.png", image)
+        _save_png(out / GRID_FILE, _image_grid(images[: config.grid_max]))
         settings["seconds"] = round(time.perf_counter() - started, 3)
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        write_text_atomically(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         shutil.rmtree(parts, ignore_errors=True)
     dist.barrier()
     return settings
