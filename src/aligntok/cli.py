@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aligntok import __version__
@@ -170,18 +171,24 @@ def _cache_latents(args: argparse.Namespace) -> None:
     destroy_distributed()
 
 
-def _train_dit(args: argparse.Namespace) -> None:
+def _train_from_config(args: argparse.Namespace, config_class: type, train: Callable) -> None:
+    """Load ``args.config`` with its overrides, keep the resolved config beside the run, train, name the model."""
     from aligntok.config import load_config, save_config
-    from aligntok.diffusion.training import DiTTrainConfig, train_dit
     from aligntok.training.distributed import destroy_distributed, is_main
 
-    cfg = load_config(DiTTrainConfig, args.config, args.overrides)
+    cfg = load_config(config_class, args.config, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.out / "config.yaml")
-    path = train_dit(cfg, args.out)
+    path = train(cfg, args.out)
     if is_main():
         print(f"model: {path}")
     destroy_distributed()
+
+
+def _train_dit(args: argparse.Namespace) -> None:
+    from aligntok.diffusion.training import DiTTrainConfig, train_dit
+
+    _train_from_config(args, DiTTrainConfig, train_dit)
 
 
 def _class_list(text: str) -> list[int]:
@@ -201,7 +208,11 @@ def _cfg_channels(text: str) -> int | str:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from aligntok.diffusion.sampling import SampleConfig, recorded_sampler, sample_to_directory
+    from aligntok.diffusion.sampling import (
+        SampleConfig,
+        recorded_sampler,
+        sample_to_directory,
+    )
     from aligntok.training.distributed import destroy_distributed, is_main
 
     given = {
@@ -221,17 +232,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _train_t2i(args: argparse.Namespace) -> None:
-    from aligntok.config import load_config, save_config
     from aligntok.diffusion.t2i_training import T2ITrainConfig, train_t2i
-    from aligntok.training.distributed import destroy_distributed, is_main
 
-    cfg = load_config(T2ITrainConfig, args.config, args.overrides)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, args.out / "config.yaml")
-    path = train_t2i(cfg, args.out)
-    if is_main():
-        print(f"model: {path}")
-    destroy_distributed()
+    _train_from_config(args, T2ITrainConfig, train_t2i)
 
 
 def _sample_t2i(args: argparse.Namespace) -> None:

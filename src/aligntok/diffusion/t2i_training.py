@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, TrainConfig
+from aligntok.diffusion.training import LatentDiffusionTask
 from aligntok.diffusion.transport import (
     Transport,
     TransportConfig,
@@ -140,7 +141,7 @@ class T2ITrainConfig:
         return self.shift if self.shift > 0 else resolution_shift(num_tokens)
 
 
-class T2ITask:
+class T2ITask(LatentDiffusionTask):
     """T2I training as an engine task: one optimizer, one EMA, the transport's loss on shifted t."""
 
     def __init__(self, model: T2ITransformer, transport: Transport, tokenizer: nn.Module, text: TextConditioner,
@@ -149,19 +150,6 @@ class T2ITask:
         self.hflip = hflip  # cached latents only: images are flipped by the dataset
         self.normalize, self.caption_dropout, self.seed, self.shift = normalize, caption_dropout, seed, shift
         tokenizer.requires_grad_(False).eval()
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def optimizers(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
-
-    def ema_modules(self) -> list[str]:
-        return ["model"]
-
-    def train_mode(self) -> None:
-        self.model.train()
-        self.tokenizer.eval()
 
     def latents_and_captions(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """Normalised latents (fp32) and their captions: cached (flipped with the flipped image's caption) or

@@ -102,7 +102,30 @@ class DiTTrainConfig:
         return LightningDiTConfig.from_preset(self.preset, **others)
 
 
-class DiTTask:
+class LatentDiffusionTask:
+    """What every diffusion model on a frozen tokenizer's latents shares as an engine task: one module
+    (``model``) with one optimizer and one EMA; the tokenizer (when images are encoded on the fly) frozen,
+    in eval mode and never checkpointed. Subclasses define ``losses``."""
+
+    model: nn.Module
+    tokenizer: nn.Module | None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optimizers(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
+
+    def ema_modules(self) -> list[str]:
+        return ["model"]
+
+    def train_mode(self) -> None:
+        self.model.train()  # label / caption dropout for guidance is on in train mode
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+
+
+class DiTTask(LatentDiffusionTask):
     """LightningDiT training as an engine task: one optimizer, one EMA, the transport's loss.
 
     ``batch`` holds either cached latents (``latent`` and ``latent_flip``) or ``image``s that the frozen
@@ -123,20 +146,6 @@ class DiTTask:
         self.tokenizer = tokenizer
         if tokenizer is not None:
             tokenizer.requires_grad_(False).eval()  # a frozen encoder, never checkpointed
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def optimizers(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
-
-    def ema_modules(self) -> list[str]:
-        return ["model"]
-
-    def train_mode(self) -> None:
-        self.model.train()  # label dropout for guidance is on in train mode
-        if self.tokenizer is not None:
-            self.tokenizer.eval()
 
     def latents(self, batch: dict) -> torch.Tensor:
         """The normalised clean latents of a batch (fp32)."""
