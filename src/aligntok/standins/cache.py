@@ -1,5 +1,11 @@
-"""Where stand-ins live: the on-disk cache of trained recipes, one directory per recipe.
+"""Where stand-ins live: shipped with the package, else the on-disk cache of trained recipes.
 
+**Shipped.** The recipes the demo uses come pretrained as package data (``aligntok/standins/shipped/``,
+a few MB of safetensors + json, built by ``python -m aligntok.standins.build`` from fixed seeds): the
+offline analogue of downloading DINOv2 and Inception weights. A recipe whose directory is shipped is
+never trained; tests pin the shipped files' hashes.
+
+**Cache.** Any other recipe is trained on first use and cached:
 ``$ALIGNTOK_CACHE``, else ``$XDG_CACHE_HOME/aligntok``, else ``~/.cache/aligntok``; one directory per
 recipe under ``standins/``, named by the kind and a hash of the recipe's settings and
 :data:`RECIPE_VERSION`. A recipe is trained in a temporary directory and renamed into place
@@ -69,17 +75,34 @@ def training_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def ensure_cached(kind: str, settings: Any, build: Callable[[Path], dict[str, Any]], *, progress: bool) -> Path:
-    """The cached directory of ``kind`` for ``settings``, built with ``build(tmp_dir)`` if absent.
+#: Package data: directories named like the cache's (``KIND-KEY``), found before the cache is looked at.
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+
+
+def shipped_directory(kind: str, settings: Any) -> Path | None:
+    """The shipped directory of ``kind`` for ``settings``, or None when this recipe is not shipped."""
+    target = SHIPPED_DIR / f"{kind}-{recipe_key(kind, settings)}"
+    return target if is_complete(target) else None
+
+
+def ensure_cached(kind: str, settings: Any, build: Callable[[Path], dict[str, Any]], *, progress: bool,
+                  root: Path | None = None) -> Path:
+    """The directory of ``kind`` for ``settings``: shipped, cached, or built with ``build(tmp_dir)`` into the cache.
 
     ``build`` writes the files into the staging directory and returns the training record, which
-    lands in :data:`INFO_FILE` with the recipe. Errors: ValueError when the cache cannot be created.
+    lands in :data:`INFO_FILE` with the recipe. ``root`` (default: ``cache_root()/standins``, after the
+    shipped directories) builds under that folder instead, skipping the shipped lookup (how the
+    shipped files are built). Errors: ValueError when the folder cannot be created.
     """
     from filelock import FileLock
 
     settings.validate()
     key = recipe_key(kind, settings)
-    root = cache_root() / "standins"
+    if root is None:
+        shipped = shipped_directory(kind, settings)
+        if shipped is not None:
+            return shipped
+        root = cache_root() / "standins"
     target = root / f"{kind}-{key}"
     if is_complete(target):
         return target

@@ -96,6 +96,8 @@ class StandinEncoderSettings(RecipeSettings):
 STANDIN_ENCODERS: dict[str, StandinEncoderSettings] = {
     "dinov2-shapes": StandinEncoderSettings(),
     "dinov2-shapes-long": StandinEncoderSettings(steps=3000, data_size=12800),
+    # Shipped (aligntok.standins.build): 8 px patches give an 8x8 token grid at 64 px, the demo's latent grid.
+    "dinov2-shapes-p8": StandinEncoderSettings(hidden_size=96, patch_size=8, batch_size=32, steps=600),
 }
 
 
@@ -199,16 +201,18 @@ def _train_standin_encoder(settings: StandinEncoderSettings, staging: Path, prog
 
 
 def ensure_standin_encoder(
-    settings: StandinEncoderSettings | str | None = None, *, progress: bool = True
+    settings: StandinEncoderSettings | str | None = None, *, progress: bool = True, root: Path | None = None
 ) -> Path:
     """Directory of the stand-in DINOv2 for ``settings``: a recipe or a :data:`STANDIN_ENCODERS` name
     (default ``dinov2-shapes``, ~45 s on 2 CPU cores on first use, then cached).
 
     Load it with ``aligntok.models.encoders.load_encoder(path)``, or pass ``model.encoder=<path>``.
+    Shipped recipes come from the package; ``root`` builds under that folder instead (:mod:`.cache`).
     """
     settings = select_preset(STANDIN_ENCODERS, "stand-in encoder", settings, "dinov2-shapes")
     return ensure_cached(
-        "encoder", settings, lambda staging: _train_standin_encoder(settings, staging, progress), progress=progress
+        "encoder", settings, lambda staging: _train_standin_encoder(settings, staging, progress), progress=progress,
+        root=root,
     )
 
 
@@ -262,8 +266,3 @@ def probe_standin_encoder(
         random.pixel_std.copy_(encoder.pixel_std)
         result["random_init"] = score(random.eval())
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation network
-# ---------------------------------------------------------------------------------------------

@@ -164,12 +164,15 @@ def _train_eval_network(settings: EvalNetworkSettings, staging: Path, progress: 
     return record
 
 
-def ensure_eval_network(settings: EvalNetworkSettings | str | None = None, *, progress: bool = True) -> Path:
+def ensure_eval_network(settings: EvalNetworkSettings | str | None = None, *, progress: bool = True,
+                        root: Path | None = None) -> Path:
     """Directory of the built-in evaluation network for ``settings``: a recipe or an :data:`EVAL_NETWORKS`
-    name (default ``shapes``, ~40 s on 2 CPU cores on first use, then cached)."""
+    name (default ``shapes``, ~40 s on 2 CPU cores on first use, then cached). Shipped recipes come from
+    the package; ``root`` builds under that folder instead (:mod:`.cache`)."""
     settings = select_preset(EVAL_NETWORKS, "evaluation network", settings, "shapes")
     return ensure_cached(
-        "eval", settings, lambda staging: _train_eval_network(settings, staging, progress), progress=progress
+        "eval", settings, lambda staging: _train_eval_network(settings, staging, progress), progress=progress,
+        root=root,
     )
 
 

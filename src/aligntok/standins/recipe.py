@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligntok.config import ConfigError, OptimConfig, check_choice
-from aligntok.data.builtin import BACKGROUNDS, SHAPE_NAMES, TEXTURES, Scene, ShapesDataset, render_scenes
+from aligntok.data.builtin import (
+    BACKGROUNDS,
+    DIFFICULTIES,
+    SHAPE_NAMES,
+    TEXTURES,
+    Scene,
+    ShapesDataset,
+    render_scenes,
+)
 from aligntok.eval.images import from_uint8
 
 #: Default seed of the held-out ``builtin:shapes`` images (training uses the dataset's seed 0).
@@ -47,6 +55,7 @@ class RecipeSettings:
     hflip: bool = True  #: random horizontal flips (every target is flip-invariant)
     attribute_weight: float = 0.5  #: weight of the texture, background, colour and size terms (class: 1)
     heldout_size: int = 500  #: held-out images (seed HELDOUT_SEED) whose class accuracy is recorded
+    difficulty: str = "standard"  #: builtin:shapes difficulty preset of the training and held-out images
 
     def validate(self) -> None:
         if min(self.resolution, self.steps, self.batch_size, self.data_size, self.heldout_size) <= 0:
@@ -54,6 +63,7 @@ class RecipeSettings:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.attribute_weight < 0:
             raise ConfigError("lr must be positive; weight_decay, warmup_steps and attribute_weight >= 0")
         check_choice("schedule", self.schedule, ("constant", "cosine", "linear"))
+        check_choice("difficulty", self.difficulty, tuple(DIFFICULTIES))
 
 
 
@@ -108,8 +118,8 @@ class ShapesInMemory:
     targets: dict[str, torch.Tensor]
 
     @classmethod
-    def render(cls, seed: int, size: int, resolution: int) -> ShapesInMemory:
-        dataset = ShapesDataset(size, resolution, seed=seed)
+    def render(cls, seed: int, size: int, resolution: int, difficulty: str = "standard") -> ShapesInMemory:
+        dataset = ShapesDataset(size, resolution, seed=seed, difficulty=difficulty)
         scenes = [dataset.scene(i) for i in range(size)]
         return cls(render_scenes(scenes, resolution), scene_targets(scenes))
 
@@ -145,7 +155,7 @@ def train_loop(
     from aligntok.training.trainer import lr_factor
 
     start = time.perf_counter()
-    data = ShapesInMemory.render(settings.data_seed, settings.data_size, settings.resolution)
+    data = ShapesInMemory.render(settings.data_seed, settings.data_size, settings.resolution, settings.difficulty)
     render_seconds = time.perf_counter() - start
     schedule = OptimConfig(lr=settings.lr, weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps,
                            schedule=settings.schedule, grad_clip=1.0)
@@ -176,6 +186,6 @@ def train_loop(
 
 def heldout(settings: RecipeSettings, seed: int = HELDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """``heldout_size`` builtin:shapes images of another seed than training (uint8) and their labels."""
-    data = ShapesInMemory.render(seed, settings.heldout_size, settings.resolution)
+    data = ShapesInMemory.render(seed, settings.heldout_size, settings.resolution, settings.difficulty)
     return data.images, data.targets["label"]
 
