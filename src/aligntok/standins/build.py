@@ -46,6 +46,8 @@ def build(out: Path = SHIPPED_DIR, names: Sequence[str] | None = None, *, progre
         return built
     finally:
         torch.set_num_threads(threads)
+        for lock in Path(out).glob(".*.lock"):  # only needed while building; never shipped
+            lock.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,6 +67,10 @@ class EvalNetworkSettings(RecipeSettings):
 EVAL_NETWORKS: dict[str, EvalNetworkSettings] = {
     "shapes": EvalNetworkSettings(),
     "shapes-long": EvalNetworkSettings(steps=3000, data_size=12800),
+    # Shipped (aligntok.standins.build): the demo's judge on builtin:shapes-easy, 96.8% held-out class accuracy.
+    # Measured on easy data: lr 1e-2 (the short recipes' value) reaches 27% after 600 steps and 51% after
+    # 1500; lr 2e-3 42% after 600; 4000 steps on 12,800 images: lr 1e-3 94.8%, lr 2e-3 96.8%.
+    "shapes-easy": EvalNetworkSettings(difficulty="easy", steps=4000, lr=2e-3, data_size=12800),
 }
 
 
