@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from aligntok.cli import main
 from aligntok.config import ConfigError, load_config
 from aligntok.losses.reconstruction import ReconstructionLoss
-from aligntok.losses.vf import VFLoss, VFLossConfig, marginal_cosine_loss, marginal_distance_matrix_loss
+from aligntok.losses.vf import (
+    VFLoss,
+    VFLossConfig,
+    marginal_cosine_loss,
+    marginal_distance_matrix_loss,
+)
 from aligntok.models.baselines import (
     VAEConfig,
     VAETokenizer,
@@ -23,7 +28,11 @@ from aligntok.models.baselines import (
     sample_posterior,
 )
 from aligntok.models.encoders import RandomEncoderConfig, build_random_encoder
-from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerNotFoundError
+from aligntok.models.tokenizer import (
+    AlignTokTokenizer,
+    LatentTokenizer,
+    TokenizerNotFoundError,
+)
 from aligntok.training.stages import (
     METHOD_STAGES,
     STAGES,

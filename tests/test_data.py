@@ -26,7 +26,14 @@ from aligntok.data import (
     write_shards,
 )
 from aligntok.data import images as images_module
-from aligntok.data.builtin import SHAPE_NAMES, make_scene, render_scene
+from aligntok.data.builtin import (
+    DIFFICULTIES,
+    SHAPE_NAMES,
+    make_scene,
+    render_scene,
+    render_shapes,
+    shapes_difficulty,
+)
 
 
 def take(iterator, count: int) -> list[dict]:
@@ -434,3 +441,34 @@ def test_bad_shard_samples_are_replaced_and_listed(tmp_path):
 def test_write_shards_rejects_bad_patterns(tmp_path):
     with pytest.raises(ValueError, match="integer field"):
         write_shards([{"image": Image.new("RGB", (8, 8))}], str(tmp_path / "shard.tar"), 10)
+
+
+def test_standard_difficulty_draws_the_scenes_of_earlier_versions():
+    # Pinned draws (numpy's PCG64 stream is stable): adding difficulty presets changed no standard scene.
+    expected = [("solid", "plain", None, 0.212568), ("speckled", "plain", "circle", 0.334616),
+                ("solid", "noisy", "ring", 0.334857), ("checkered", "gradient", None, 0.279235)]
+    for index, (texture, background, distractor, radius) in enumerate(expected):
+        scene = make_scene(3, index)
+        assert (scene.main.texture, scene.background) == (texture, background)
+        assert (scene.distractor.kind if scene.distractor else None) == distractor
+        assert scene.main.radius == pytest.approx(radius, abs=1e-6)
+
+
+def test_easy_difficulty_and_its_data_spec():
+    easy = DIFFICULTIES["easy"]
+    scenes = [make_scene(0, i, difficulty="easy") for i in range(200)]
+    assert {s.main.texture for s in scenes} == set(easy.textures) == {"solid"}
+    assert {s.background for s in scenes} == {"plain", "gradient"} and all(s.distractor is None for s in scenes)
+    assert [s.label for s in scenes[:10]] == list(range(10))  # classes stay balanced
+    dataset = build_dataset("builtin:shapes-easy", 32, builtin_size=20)
+    assert isinstance(dataset, ShapesDataset) and dataset.difficulty == "easy"
+    image, label, caption = dataset.load(3)
+    assert label == 3 and "polka-dot" not in caption and "next to" not in caption
+    images, labels = render_shapes(4, 32, seed=0, difficulty="easy")
+    assert np.array_equal(images[3].permute(1, 2, 0).numpy(), np.asarray(image))
+    assert shapes_difficulty("builtin:shapes") == "standard" and shapes_difficulty("builtin:shapes-easy") == "easy"
+    assert shapes_difficulty("builtin:shapes-nope") is None and shapes_difficulty("/data/imagenet") is None
+    with pytest.raises(ValueError, match="unknown built-in dataset 'builtin:shapes-nope'"):
+        build_dataset("builtin:shapes-nope", 32)
+    with pytest.raises(ValueError, match="unknown builtin:shapes difficulty 'hard'"):
+        make_scene(0, 0, difficulty="hard")

@@ -10,7 +10,13 @@ import scipy.linalg
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-from aligntok.eval import FeatureStats, SingularCovarianceWarning, frechet_distance, inception_score, precision_recall
+from aligntok.eval import (
+    FeatureStats,
+    SingularCovarianceWarning,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 
 
 def _random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.interpolate_compat_tensorflow import (
+    interpolate_bilinear_2d_like_tensorflow1x,
+)
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from transformers import Dinov2Config, Dinov2Model
 

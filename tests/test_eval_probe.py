@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligntok.eval import average_pool, cknna, evaluate_probe, linear_probe, split_train_test
+from aligntok.eval import (
+    average_pool,
+    cknna,
+    evaluate_probe,
+    linear_probe,
+    split_train_test,
+)
 
 
 def _planted_latents(n: int, classes: int, seed: int, signal: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,13 @@ import pytest
 from aligntok import standins
 from aligntok.cli import main
 from aligntok.config import ConfigError
-from aligntok.experiments.demo import load_experiment_config
-from aligntok.experiments.reproduce import load_reproduce_config, mean_std, run_reproduce, steps_to_reach
+from aligntok.experiments.demo import METRICS_KEYS, load_experiment_config
+from aligntok.experiments.reproduce import (
+    load_reproduce_config,
+    mean_std,
+    run_reproduce,
+    steps_to_reach,
+)
 from aligntok.standins import EvalNetworkSettings
 
 # An evaluation network trained for 4 steps: the tests check the plumbing, not its judgement.
@@ -33,20 +38,34 @@ def _finite_numbers(tree) -> list[float]:
     return [tree] if isinstance(tree, float) else []
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path, tiny_eval, capsys):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
+    # The demo's own evaluation network: shipped with the package, so nothing is trained before the pipeline.
+    monkeypatch.setenv(standins.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny"]) == 0
+    trained = dict(standins.TRAINING_RUNS)
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "--threads", "1"]) == 0
+    assert standins.TRAINING_RUNS == trained and not (tmp_path / "cache").exists()
     report = (out / "report.html").read_text()
-    for heading in ("Metrics", "Generation", "Inputs and reconstructions", "Samples per class", "Loss curves"):
+    for heading in ("Metrics", "Generation", "Inputs and reconstructions", "Samples per class", "Loss curves",
+                    "The latent space"):
         assert f"<h2>{heading}</h2>" in report
+    headline = json.loads((out / "metrics.json").read_text())
+    assert tuple(headline) == METRICS_KEYS
+    assert all(isinstance(v, float) and math.isfinite(v) for v in headline.values()), headline
     assert "<code>random</code>" in report  # the intro names the encoder (the minimal preset's is random)
-    assert "not LPIPS-VGG" in report and report.count("data:image/png;base64") >= 5
+    assert "not LPIPS-VGG" in report and report.count("data:image/png;base64") >= 6
     results = json.loads((out / "results" / "demo.json").read_text())
     for stage in ("1", "2", "3"):
         metrics = results["reconstruction"][stage]
         for key in ("psnr", "ssim", "perceptual", "rfd", "linear_probe"):
             assert math.isfinite(metrics[key]), (stage, key)
         assert 0 <= metrics["linear_probe"] <= 1
+        assert 0 <= metrics["recon_class_accuracy"] <= 1 and 0 <= metrics["orig_class_accuracy"] <= 1
+    final = results["reconstruction"]["3"]
+    assert headline["psnr"] == final["psnr"] and headline["probe_accuracy"] == final["linear_probe"]
+    assert headline["recon_class_accuracy"] == final["recon_class_accuracy"]
+    assert headline["guided_class_accuracy"] == results["generation"]["guided"]["class_accuracy"]
+    assert headline["gfd_unguided"] == results["generation"]["unguided"]["gfd"]
     for kind in ("guided", "unguided"):
         assert math.isfinite(results["generation"][kind]["gfd"]) and results["generation"][kind]["num_samples"] == 20
     assert results["generation"]["guided"]["sampler"]["cfg_scale"] == 4.0
@@ -56,13 +75,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, tiny_eval, capsys):
     weights = out / "dit" / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     trained = dict(standins.TRAINING_RUNS)
-    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny"]) == 0
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "--threads", "1"]) == 0
     assert weights.stat().st_mtime_ns == before and standins.TRAINING_RUNS == trained
     again = json.loads((out / "results" / "demo.json").read_text())
     assert again["reconstruction"] == results["reconstruction"] and again["generation"] == results["generation"]
 
     # Another config into the same folder would read this one's results back: refused in one line.
-    assert main(["demo", "--preset", "minimal", "--out", str(out), "eval.eval_network=tiny", "dit.train.steps=7"]) == 2
+    assert main(["demo", "--preset", "minimal", "--out", str(out), "dit.train.steps=7"]) == 2
     assert "holds results of another experiment config" in capsys.readouterr().err
 
 
@@ -79,10 +98,18 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
     # The DiT checkpoints every 3 of 6 steps: the training-step curve has both points for every method.
     for curves in results["curves"].values():
         assert [p["x"] for p in curves["by_training_step"]] == [3.0, 6.0]
+        assert [p["x"] for p in curves["by_training_step_guided"]] == [3.0, 6.0]
         assert [p["x"] for p in curves["by_sampling_steps"]] == [1.0, 2.0]
         assert [p["x"] for p in curves["by_cfg_scale"]] == [1.0, 2.0]
     assert list(results["ablation"]) == ["stage 1 only", "stages 1+2, w_sp=0", "stages 1+2, w_sp=1", "all three stages"]
-    assert set(results["steps_to_reach_vae_final_gfd"]) == {"target_gfd_unguided", "aligntok", "vae", "vavae"}
+    reach = results["steps_to_reach_vae_final_gfd"]
+    assert set(reach) == {"unguided", "guided"}
+    for kind, entry in reach.items():
+        assert entry["target_gfd"] == results["tokenizer_table"]["vae"][f"gfd_{kind}"]["mean"]
+        assert set(entry["methods"]) == {"aligntok", "vae", "vavae"}
+        for r in entry["methods"].values():
+            assert r["seeds"] == 2 and len(r["per_seed"]) == 2
+            assert r["reached"] == sum(step is not None for step in r["per_seed"])
     # The final checkpoint's gFD without guidance is the table's (the same samples from the same EMA weights).
     for method, per_seed in results["per_seed"].items():
         for r in per_seed.values():
@@ -106,12 +133,20 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
 
 
 def test_presets_load_and_validate():
+    from aligntok.standins import EVAL_NETWORKS, STANDIN_ENCODERS
+    from aligntok.standins.cache import shipped_directory
+
     demo = load_experiment_config(["demo"])
-    assert demo.tokenizer.model.encoder == "standin:dinov2-shapes" and demo.tokenizer.method == "aligntok"
+    assert demo.tokenizer.model.encoder == "standin:dinov2-shapes-p8" and demo.tokenizer.method == "aligntok"
+    # A first run trains no stand-in: both are shipped. The latent is 8x8, as the DiT expects.
+    assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-shapes-p8"]) is not None
+    assert shipped_directory("eval", EVAL_NETWORKS[demo.eval.eval_network]) is not None
+    assert demo.difficulty == "easy" and demo.tokenizer.model.decoder.stride == 8
+    assert 64 // demo.tokenizer.model.decoder.stride == demo.dit.model_config().input_size
     for preset in ("quick", "full", "minimal"):
         cfg = load_reproduce_config(preset)
         assert cfg.methods == ["aligntok", "vae", "vavae"] and len(cfg.seeds) >= 2
-    assert len(load_reproduce_config("full").seeds) >= 3 and len(load_reproduce_config("quick").seeds) >= 3
+    assert len(load_reproduce_config("full").seeds) >= 3 and len(load_reproduce_config("quick").seeds) >= 2
     with pytest.raises(ConfigError, match="held-out seed"):
         load_reproduce_config("minimal", ["seeds=[0,777]"])
     with pytest.raises(ConfigError, match="methods"):

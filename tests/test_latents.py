@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from aligntok.cli import main
-from aligntok.data import latents as latents_module
 from aligntok.data import build_dataset, write_shards
+from aligntok.data import latents as latents_module
 from aligntok.data.latents import (
     ChannelMoments,
     LatentDataset,

@@ -20,7 +20,9 @@ from transformers import (
     ViTMAEConfig,
     ViTMAEModel,
 )
-from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+from transformers.models.siglip2.image_processing_siglip2 import (
+    convert_image_to_patches,
+)
 
 from aligntok.config import ConfigError, load_config
 from aligntok.models.adapter import Adapter
@@ -33,7 +35,11 @@ from aligntok.models.encoders import (
     build_encoder_from_config,
     load_encoder,
 )
-from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig, TokenizerNotFoundError
+from aligntok.models.tokenizer import (
+    AlignTokTokenizer,
+    TokenizerConfig,
+    TokenizerNotFoundError,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 STRIDE = 4  # tiny decoder: channel_mult [1, 2, 2]

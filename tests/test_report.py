@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aligntok.eval.report import Section, image_grid, loss_series, plot_curves, png_bytes, read_log, write_report
+from aligntok.eval.report import (
+    Section,
+    image_grid,
+    loss_series,
+    pca_rgb,
+    plot_curves,
+    png_bytes,
+    read_log,
+    write_report,
+)
 
 
 def test_image_grid_places_each_image_in_its_cell():
@@ -44,3 +53,23 @@ def test_report_embeds_tables_and_figures(tmp_path):
     embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
     assert len(embedded) == 2
     assert Image.open(io.BytesIO(base64.b64decode(embedded[0]))).size == (12, 12)
+
+
+def test_pca_rgb_colours_positions_by_their_principal_directions():
+    import torch
+
+    # Two kinds of positions along one direction (left half +d, right half -d) plus tiny noise in another:
+    # the first component separates the halves into red extremes, the same in every image.
+    direction = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0]) / 5
+    grids = torch.zeros(2, 5, 4, 4)
+    grids[:, :, :, :2] = direction.view(1, 5, 1, 1)
+    grids[:, :, :, 2:] = -direction.view(1, 5, 1, 1)
+    grids[:, 4] += 0.01 * torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    rgb = pca_rgb(grids, size=8)
+    assert rgb.shape == (2, 8, 8, 3) and rgb.dtype == np.uint8
+    # The sign is fixed by the largest loading (+4/5 on channel 1): +direction is the bright red side.
+    assert (rgb[:, :, :4, 0] == 255).all() and (rgb[:, :, 4:, 0] == 0).all()
+    assert np.array_equal(pca_rgb(grids), pca_rgb(grids.double()))
+    assert pca_rgb(grids[:, :2]).shape == (2, 4, 4, 3) and (pca_rgb(grids[:, :2])[..., 2] == 0).all()
+    with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
+        pca_rgb(grids[0])

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from aligntok.config import ConfigError
-from aligntok.diffusion.samplers import SamplerConfig, batched_randn, guided_velocity, sample, timestep_grid
+from aligntok.diffusion.samplers import (
+    SamplerConfig,
+    batched_randn,
+    guided_velocity,
+    sample,
+    timestep_grid,
+)
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
 
 CHANNELS = 6

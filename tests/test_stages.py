@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from aligntok.config import ConfigError, load_config
+from aligntok.losses.reconstruction import ReconstructionLoss
 from aligntok.models.tokenizer import AlignTokTokenizer
+from aligntok.training.checkpoint import latest_checkpoint, load_state
 from aligntok.training.stages import (
     PARTS,
     STAGES,
@@ -23,8 +25,6 @@ from aligntok.training.stages import (
     stage_train_dir,
     train_tokenizer,
 )
-from aligntok.losses.reconstruction import ReconstructionLoss
-from aligntok.training.checkpoint import latest_checkpoint, load_state
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / "tiny.yaml"
 

@@ -21,7 +21,13 @@ from torch import nn
 
 from aligntok import standins
 from aligntok.eval import open_images, save_npz
-from aligntok.standins import BuiltinEvalNetwork, builtin_perceptual_distance, load_eval_network
+from aligntok.standins import (
+    BuiltinEvalNetwork,
+    builtin_perceptual_distance,
+    load_eval_network,
+)
+from aligntok.standins.evalnet import build_eval_backbone
+from aligntok.standins.recipe import HEAD_LAYOUT, HEAD_WIDTH
 
 RESOLUTION = 32
 WIDTHS = (8, 16, 16)
@@ -31,8 +37,8 @@ WIDTHS = (8, 16, 16)
 def network_dir(tmp_path_factory) -> Path:
     """The network's files, written once per module (a directory is what the tests share, never a module)."""
     torch.manual_seed(0)
-    backbone = standins._build_eval_backbone(WIDTHS, stem_stride=2)
-    heads = nn.Linear(WIDTHS[-1], standins._HEAD_WIDTH)
+    backbone = build_eval_backbone(WIDTHS, stem_stride=2)
+    heads = nn.Linear(WIDTHS[-1], HEAD_WIDTH)
     for module in backbone.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(0.0, 0.2)
@@ -44,7 +50,7 @@ def network_dir(tmp_path_factory) -> Path:
     state.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / standins.EVAL_WEIGHTS_FILE))
     config = {"architecture": "aligntok.standins eval CNN", "widths": list(WIDTHS), "stem_stride": 2,
-              "resolution": RESOLUTION, "head_layout": standins._HEAD_LAYOUT, "class_names": []}
+              "resolution": RESOLUTION, "head_layout": HEAD_LAYOUT, "class_names": []}
     (directory / standins.EVAL_CONFIG_FILE).write_text(json.dumps(config))
     return directory
 

@@ -19,7 +19,9 @@ import torch
 from aligntok import standins
 from aligntok.config import ConfigError, config_to_dict
 from aligntok.eval import evaluate_generation, extract_features, save_npz
+from aligntok.models.decoder import DecoderConfig
 from aligntok.models.encoders import FoundationEncoder, load_encoder
+from aligntok.models.tokenizer import TokenizerConfig, build_foundation_encoder
 from aligntok.standins import (
     EvalNetworkSettings,
     StandinEncoderSettings,
@@ -32,6 +34,8 @@ from aligntok.standins import (
     read_standin_info,
     resolve_encoder_spec,
 )
+from aligntok.standins.cache import recipe_key
+from aligntok.standins.encoder import _build_dinov2
 
 TINY_ENCODER = StandinEncoderSettings(
     hidden_size=32, num_layers=2, num_heads=2, patch_size=8, resolution=32, steps=4, batch_size=8,
@@ -80,11 +84,11 @@ def test_cache_root_prefers_aligntok_cache_then_xdg_then_home(monkeypatch, tmp_p
 
 
 def test_recipe_key_changes_with_every_setting_and_kind():
-    key = standins._recipe_key("encoder", TINY_ENCODER)
-    assert key == standins._recipe_key("encoder", StandinEncoderSettings(**vars(TINY_ENCODER)))
-    assert key != standins._recipe_key("eval", TINY_ENCODER)
+    key = recipe_key("encoder", TINY_ENCODER)
+    assert key == recipe_key("encoder", StandinEncoderSettings(**vars(TINY_ENCODER)))
+    assert key != recipe_key("eval", TINY_ENCODER)
     for change in ({"steps": 5}, {"init_seed": 3}, {"hidden_size": 64}, {"data_seed": 1}):
-        assert standins._recipe_key("encoder", StandinEncoderSettings(**{**vars(TINY_ENCODER), **change})) != key
+        assert recipe_key("encoder", StandinEncoderSettings(**{**vars(TINY_ENCODER), **change})) != key
 
 
 def test_impossible_settings_are_one_line_config_errors(cache):
@@ -138,7 +142,7 @@ def test_standin_encoder_is_trained_once_and_loads_like_a_transformers_dinov2(ca
     torch.testing.assert_close(tokens, expected.reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
     # Trained, not just saved: the weights differ from a fresh model of the same architecture and seed.
     torch.manual_seed(TINY_ENCODER.init_seed)
-    fresh = standins._build_dinov2(TINY_ENCODER)
+    fresh = _build_dinov2(TINY_ENCODER)
     assert not torch.equal(fresh.embeddings.patch_embeddings.projection.weight,
                            reference.embeddings.patch_embeddings.projection.weight)
 
@@ -189,9 +193,11 @@ def test_resolve_encoder_spec(cache, monkeypatch):
     path = resolve_encoder_spec("standin:tiny", progress=False)
     assert path == str(ensure_standin_encoder(TINY_ENCODER, progress=False))
 
-    # Every command takes the spec: load_encoder resolves it to the cached directory (no second training).
+    # Every config takes the spec: the tokenizer's encoder resolves it to the cached directory (no second training).
     runs = standins.TRAINING_RUNS["encoder"]
-    by_spec, by_path = load_encoder("standin:tiny", stride=8), load_encoder(path, stride=8)
+    config = TokenizerConfig(encoder="standin:tiny", decoder=DecoderConfig(channel_mult=[1, 1, 1, 1]))
+    by_spec, by_path = build_foundation_encoder(config), load_encoder(path, stride=8)
+    assert by_spec.stride == 8
     assert standins.TRAINING_RUNS["encoder"] == runs
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():

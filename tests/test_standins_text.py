@@ -6,7 +6,7 @@ import torch
 
 from aligntok import standins
 from aligntok.models.text import TextConditioner, TextConfig
-from aligntok.standins_text import StandinTextSettings, ensure_standin_text_encoder
+from aligntok.standins.text import StandinTextSettings, ensure_standin_text_encoder
 
 
 def test_standin_text_encoder_is_cached_and_loads_like_t5(tmp_path, monkeypatch):

@@ -22,8 +22,9 @@ from aligntok.diffusion.t2i_training import (
     shift_time,
     train_t2i,
 )
-from aligntok.models.text import build_tiny_text_encoders, caption_words
-from aligntok.standins_text import builtin_captions
+from aligntok.models.text import build_tiny_text_encoders
+from aligntok.models.word_tokenizer import caption_words
+from aligntok.standins.text import builtin_captions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "t2i" / "tiny.yaml"
 

@@ -10,8 +10,8 @@ from aligntok.models.text import (
     TextConditioner,
     TextConfig,
     build_tiny_text_encoders,
-    word_level_tokenizer,
 )
+from aligntok.models.word_tokenizer import word_level_tokenizer
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "left", "of", "right", "above", "below", "on", "the", "background", "two", "three"]
 

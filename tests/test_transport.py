@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from aligntok.config import ConfigError, load_config
-from aligntok.diffusion.transport import Transport, TransportConfig, interpolate, velocity_loss
+from aligntok.diffusion.transport import (
+    Transport,
+    TransportConfig,
+    interpolate,
+    velocity_loss,
+)
 
 
 def test_path_runs_from_noise_at_t0_to_data_at_t1():

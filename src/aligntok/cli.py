@@ -72,7 +72,7 @@ def _evaluate_probe(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from aligntok.experiments.demo import run_demo
 
-    report = run_demo(args.out, preset=args.preset, overrides=args.overrides)
+    report = run_demo(args.out, preset=args.preset, overrides=args.overrides, threads=args.threads)
     print(f"report: {report}")
 
 
@@ -332,6 +332,8 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("aligntok-demo"), help="output folder; re-running resumes")
     p.add_argument("--preset", choices=("demo", "minimal"), default="demo",
                    help="demo (default, ~5 min on 2 CPU cores) or minimal (seconds; a smoke test)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads for torch (default 2: the demo's budget is a 2-core machine); 0 keeps torch's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dit.train.steps=500")
     p.set_defaults(func=_demo)
 

@@ -283,7 +283,7 @@ def cache_latents(
     """
     from aligntok import __version__
     from aligntok.eval.provenance import sha256_file
-    from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, AlignTokTokenizer
+    from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
     from aligntok.progress import progress_bar
     from aligntok.training import distributed
 
@@ -382,7 +382,12 @@ def _writable_tokenizer(source: str, out: Path) -> tuple[str, bool]:
     AutoencoderKL directory) is not ours to write: its aligntok copy ``out/tokenizer`` is made once and
     reused by re-runs (plan.json's ``tokenizer_source`` keeps a re-run from pairing it with another source).
     """
-    from aligntok.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, LatentTokenizer, diffusers_class_name
+    from aligntok.models.tokenizer import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        LatentTokenizer,
+        diffusers_class_name,
+    )
 
     path = Path(source).expanduser()
     if (path / WEIGHTS_NAME).is_file() and diffusers_class_name(path) is None and (path / CONFIG_NAME).is_file():

@@ -12,7 +12,12 @@ from aligntok.diffusion.samplers import (
     sample,
     timestep_grid,
 )
-from aligntok.diffusion.transport import Transport, TransportConfig, interpolate, velocity_loss
+from aligntok.diffusion.transport import (
+    Transport,
+    TransportConfig,
+    interpolate,
+    velocity_loss,
+)
 
 __all__ = [
     "SAMPLING_METHODS",

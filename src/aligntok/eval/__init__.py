@@ -41,7 +41,13 @@ from aligntok.eval.images import (
     to_uint8,
     to_uint8_nhwc,
 )
-from aligntok.eval.probe import average_pool, cknna, evaluate_probe, linear_probe, split_train_test
+from aligntok.eval.probe import (
+    average_pool,
+    cknna,
+    evaluate_probe,
+    linear_probe,
+    split_train_test,
+)
 from aligntok.eval.provenance import build_provenance, sha256_file, software_versions
 from aligntok.eval.recon import LPIPSMetric, ReconMetrics, psnr, ssim
 

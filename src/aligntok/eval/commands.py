@@ -44,8 +44,8 @@ from aligntok.eval.features import FeatureNetwork, load_inception
 from aligntok.eval.probe import average_pool, cknna, evaluate_probe
 from aligntok.eval.provenance import build_provenance, sha256_file
 from aligntok.eval.recon import LPIPS_NETS, PSNR_MAX_DB, LPIPSMetric, ReconMetrics
-from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
 from aligntok.io import write_text_atomically
+from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
 from aligntok.progress import progress_bar
 from aligntok.training.distributed import (
     DistInfo,
@@ -465,7 +465,11 @@ def _cknna_reference(
     spec: str | None, stride: int, device: torch.device
 ) -> tuple[nn.Module | None, str | None, str | None]:
     """(encoder, its name, why there is none): the fixed reference encoder CKNNA measures tokenizers against."""
-    from aligntok.eval.features import DINOV2_DEFAULT, WeightsNotFoundError, resolve_hf_weights
+    from aligntok.eval.features import (
+        DINOV2_DEFAULT,
+        WeightsNotFoundError,
+        resolve_hf_weights,
+    )
     from aligntok.models.encoders import load_encoder
 
     if spec is None or spec == "none":
@@ -479,8 +483,12 @@ def _cknna_reference(
                 f"the default reference encoder {DINOV2_DEFAULT} is not in the local Hugging Face cache; "
                 "pass --cknna-encoder (a hub id, directory or standin:NAME)"
             )
+    if name.startswith("standin:"):  # an offline stand-in DINOv2 (shipped, or trained once and cached)
+        from aligntok.standins.encoder import resolve_encoder_spec
+
+        name = resolve_encoder_spec(name)
     encoder = load_encoder(name, stride=stride).to(device).eval().requires_grad_(False)
-    return encoder, (DINOV2_DEFAULT if spec == "auto" else name), None
+    return encoder, (DINOV2_DEFAULT if spec == "auto" else str(spec)), None
 
 
 _NEEDS_LABELS = "a linear probe needs labelled data (class subfolders, or 'cls' entries in shards)"

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntok.eval.images import ImageSource, as_uint8, check_nchw_rgb, check_pixel_scale, nhwc_to_tensor
+from aligntok.eval.images import (
+    ImageSource,
+    as_uint8,
+    check_nchw_rgb,
+    check_pixel_scale,
+    nhwc_to_tensor,
+)
 from aligntok.eval.provenance import sha256_file, sha256_files
 from aligntok.progress import progress_bar
 
@@ -96,7 +102,9 @@ class InceptionFeatures(FeatureNetwork):
 
     def __init__(self, weights_path: str | os.PathLike):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         weights_path = Path(weights_path)
         # torch-fidelity unpickles the file without restriction; refuse anything that is not a
@@ -199,7 +207,9 @@ class Dinov2Features(FeatureNetwork):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * scale, persistent=False)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+        from torch_fidelity.interpolate_compat_tensorflow import (
+            interpolate_bilinear_2d_like_tensorflow1x,
+        )
 
         x = images.float()
         x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(self.input_size, self.input_size), align_corners=False)
@@ -223,7 +233,11 @@ def resolve_hf_weights(name_or_path: str | os.PathLike, *, allow_download: bool 
     if path.exists():
         raise WeightsNotFoundError(f"{path}: expected a model directory (config.json + *.safetensors)")
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+    )
 
     try:
         return Path(

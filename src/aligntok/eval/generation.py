@@ -27,7 +27,13 @@ from aligntok.eval.features import (
     load_dinov2,
     load_inception,
 )
-from aligntok.eval.fid import ADM_IS_SPLIT_SIZE, FeatureStats, frechet_distance, inception_score, precision_recall
+from aligntok.eval.fid import (
+    ADM_IS_SPLIT_SIZE,
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from aligntok.eval.images import ImageSource, npz_keys, open_images, read_npz_statistics
 from aligntok.eval.provenance import build_provenance
 

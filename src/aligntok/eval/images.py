@@ -31,7 +31,12 @@ import torch
 from numpy.lib import format as npy_format
 from PIL import Image
 
-from aligntok.data.images import IMAGE_EXTENSIONS, BadImageError, load_image, walk_images
+from aligntok.data.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    load_image,
+    walk_images,
+)
 from aligntok.eval.provenance import sha256_file
 from aligntok.io import replace_atomically
 

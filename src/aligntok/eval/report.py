@@ -42,6 +42,38 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def pca_rgb(features, size: int | None = None) -> np.ndarray:
+    """Feature grids (N, C, h, w) as RGB: their first three principal components, one per channel.
+
+    The field's usual picture of a latent space: the PCA is fitted jointly on every position of all N
+    grids (so one colour means one direction in every image), each component's sign is fixed so that
+    its largest loading is positive, and each is scaled by its 1st..99th percentile over the set to
+    0..255. ``size`` enlarges each grid to size x size with nearest-neighbour cells. Returns uint8
+    (N, size or h, size or w, 3); with C < 3 the missing channels are 0.
+    """
+    import torch
+
+    grids = torch.as_tensor(features).detach().double().cpu()
+    if grids.ndim != 4:
+        raise ValueError(f"pca_rgb expects (N, C, h, w) feature grids, got shape {tuple(grids.shape)}")
+    n, c, h, w = grids.shape
+    rows = grids.permute(0, 2, 3, 1).reshape(-1, c)
+    rows = rows - rows.mean(dim=0)
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    components = vh[:3]
+    signs = components.gather(1, components.abs().argmax(dim=1, keepdim=True)).sign()
+    projected = rows @ (components * signs).T  # (N*h*w, k)
+    low = torch.quantile(projected, 0.01, dim=0)
+    high = torch.quantile(projected, 0.99, dim=0)
+    scaled = ((projected - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+    rgb = torch.zeros(rows.shape[0], 3, dtype=torch.float64)
+    rgb[:, : scaled.shape[1]] = scaled
+    image = (rgb.reshape(n, h, w, 3) * 255).round().to(torch.uint8).numpy()
+    if size is not None:
+        image = image.repeat(size // h, axis=1).repeat(size // w, axis=2)
+    return image
+
+
 def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
     """PNG encoding of an (H, W, 3) uint8 image, optionally enlarged with nearest-neighbour pixels."""
     pil = Image.fromarray(image)

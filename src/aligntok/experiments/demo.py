@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from aligntok.config import load_config
-from aligntok.experiments.pipeline import Experiment, ExperimentConfig, Progress, ensure_standins, write_json
+from aligntok.experiments.pipeline import (
+    Experiment,
+    ExperimentConfig,
+    Progress,
+    ensure_standins,
+    write_json,
+)
 
 __all__ = ["PRESETS", "preset_path", "load_experiment_config", "run_demo"]
 
@@ -26,6 +32,7 @@ __all__ = ["PRESETS", "preset_path", "load_experiment_config", "run_demo"]
 PRESETS = ("demo", "minimal")
 _GRID_COLUMNS = 8  # samples per class in the report's grids
 _RECON_SHOWN = 10  # held-out images shown with their reconstructions
+_PCA_FIT, _PCA_SHOWN = 64, 8  # held-out images the latent PCA is fitted on / shown
 
 
 def preset_path(name: str) -> Path:
@@ -37,8 +44,32 @@ def load_experiment_config(presets: list[str], overrides: list[str] = ()) -> Exp
     return load_config(ExperimentConfig, [preset_path(name) for name in presets], overrides)
 
 
-def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] = (), progress: bool = True) -> Path:
-    """Run the demo into ``out_dir`` and return the path of its report.html (re-running resumes)."""
+#: Keys of DIR/metrics.json (an interface: scripts read it).
+METRICS_KEYS = (
+    "psnr", "recon_class_accuracy", "orig_class_accuracy", "probe_accuracy", "guided_class_accuracy",
+    "unguided_class_accuracy", "gfd_guided", "gfd_unguided", "wall_seconds",
+)
+
+
+def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] = (), progress: bool = True,
+             threads: int = 2) -> Path:
+    """Run the demo into ``out_dir`` and return the path of its report.html (re-running resumes).
+
+    ``threads``: torch's CPU threads for the run (0: leave torch's setting); the demo's time budget is
+    for a 2-core machine, where more threads than cores only add contention.
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, preset, overrides, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out_dir: str | Path, preset: str, overrides: list[str], progress: bool) -> Path:
     presets = ["demo"] if preset == "demo" else ["demo", preset]
     cfg = load_experiment_config(presets, list(overrides))
     out = Path(out_dir)
@@ -71,12 +102,35 @@ def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] 
         if name not in kept:  # results read back from an earlier run: draw the shown samples again
             dit = experiment.load_dit()
             kept[name] = experiment.generate(dit, experiment.load_tokenizer(), sampler, num=_GRID_COLUMNS * dit.num_classes)
-    timings["total"] = round(steps.elapsed(), 1)
     results = {"reconstruction": recon, "generation": generation, "timings_seconds": timings}
-    write_json(out / "results" / "demo.json", results)
     report = _write_demo_report(experiment, results, kept)
+    timings["total"] = round(steps.elapsed(), 1)
+    write_json(out / "results" / "demo.json", results)
+    write_json(out / "metrics.json", demo_metrics(results, experiment.final_stage))
     steps.say(f"done: {report}")
     return report
+
+
+def demo_metrics(results: dict[str, Any], final_stage: int) -> dict[str, float | None]:
+    """The headline numbers of ``results`` under :data:`METRICS_KEYS` (DIR/metrics.json).
+
+    ``psnr``, the class accuracies and the probe are the final stage's on the held-out images;
+    ``wall_seconds`` is this run's wall time (a resumed run reports only what it redid).
+    """
+    final = results["reconstruction"][final_stage]
+    generation = results["generation"]
+    values = {
+        "psnr": final["psnr"],
+        "recon_class_accuracy": final.get("recon_class_accuracy"),
+        "orig_class_accuracy": final.get("orig_class_accuracy"),
+        "probe_accuracy": final["linear_probe"],
+        "guided_class_accuracy": generation["guided"]["class_accuracy"],
+        "unguided_class_accuracy": generation["unguided"]["class_accuracy"],
+        "gfd_guided": generation["guided"]["gfd"],
+        "gfd_unguided": generation["unguided"]["gfd"],
+        "wall_seconds": results["timings_seconds"]["total"],
+    }
+    return {key: values[key] for key in METRICS_KEYS}
 
 
 def _class_grid(images: np.ndarray, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -113,6 +167,28 @@ def _loss_figures(experiment: Experiment) -> list[tuple[bytes, str]]:
     ]
 
 
+def _latent_rows(experiment: Experiment) -> list[str]:
+    return ["stand-in encoder tokens (frozen, as pretrained)"] + [
+        f"latent after stage {n}" for n in experiment.cfg.tokenizer.stages]
+
+
+@torch.inference_mode()
+def _latent_pca_figure(experiment: Experiment) -> np.ndarray:
+    """Rows: held-out inputs, then PCA-to-RGB of the encoder's token grid and of each stage's latent."""
+    from aligntok.eval.images import from_uint8
+    from aligntok.eval.report import image_grid, pca_rgb
+
+    images = experiment.heldout[0][:_PCA_FIT]
+    side = images.shape[-1]
+    x = from_uint8(images)
+    first = experiment.load_tokenizer(min(experiment.cfg.tokenizer.stages))
+    grids = [first.encoder(x)]  # the stage-1 tokenizer's encoder is frozen: the pretrained one
+    grids += [experiment.encode(experiment.load_tokenizer(n), images) for n in experiment.cfg.tokenizer.stages]
+    rows = [images[:_PCA_SHOWN].permute(0, 2, 3, 1).numpy()]
+    rows += [pca_rgb(grid, size=side)[:_PCA_SHOWN] for grid in grids]
+    return image_grid(np.concatenate(rows), columns=_PCA_SHOWN)
+
+
 def _intro(experiment: Experiment) -> str:
     from aligntok.standins import read_standin_info
 
@@ -122,8 +198,8 @@ def _intro(experiment: Experiment) -> str:
     side = cfg.dit.model_config().input_size  # the latent side (the DiT is checked against the latents)
     lines = [
         f"<b>This is a miniature.</b> The foundation encoder is <code>{html.escape(encoder)}</code>"
-        + (", a small DINOv2-architecture ViT trained for seconds on the built-in shapes (aligntok.standins), "
-           "not a real DINOv2" if encoder.startswith("standin:") else "")
+        + (", a small DINOv2-architecture ViT trained on the built-in shapes and shipped with aligntok "
+           "(aligntok.standins), not a real DINOv2" if encoder.startswith("standin:") else "")
         + f"; images are {experiment.resolution} px, the latent is "
         f"{cfg.tokenizer.model.latent_channels}x{side}x{side}, and the "
         f"LightningDiT has width {cfg.dit.model_config().hidden_size} and depth {cfg.dit.model_config().depth}.",
@@ -174,6 +250,13 @@ def _write_demo_report(experiment: Experiment, results: dict[str, Any],
         Section("Inputs and reconstructions", "Top row: held-out inputs; then the reconstruction after each stage.",
                 figures=[(png_bytes(pairs, scale=2), "inputs, stage 1, stage 2, stage 3")]),
         Section("Samples per class", figures=grids),
+        Section("The latent space", "Each grid position's vector, coloured by the first three principal components "
+                "(red, green, blue) of that row's representation, fitted jointly on "
+                f"{_PCA_FIT} held-out images: similar colours are similar vectors. Stage 1 trains the adapter on "
+                "frozen encoder tokens; stage 2's semantic preservation keeps the latent close to what the "
+                "encoder saw while the encoder is fine-tuned; stage 3 trains only the decoder.",
+                figures=[(png_bytes(_latent_pca_figure(experiment), scale=2),
+                          "inputs, " + ", ".join(_latent_rows(experiment)))]),
         Section("Loss curves", figures=_loss_figures(experiment)),
         Section("Where the time went", "Wall-clock seconds of this run (cached steps take ~0).", table=timing_rows),
     ]

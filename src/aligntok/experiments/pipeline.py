@@ -79,8 +79,18 @@ class ExperimentConfig:
     eval: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
     def validate(self) -> None:
-        if self.tokenizer.data.train != "builtin:shapes":
-            raise ConfigError("experiments run on builtin:shapes (its evaluation network and held-out split)")
+        from aligntok.data.builtin import shapes_difficulty
+
+        if shapes_difficulty(self.tokenizer.data.train) is None:
+            raise ConfigError("experiments run on builtin:shapes or builtin:shapes-NAME (an evaluation network and "
+                              f"held-out split exist for those), not {self.tokenizer.data.train!r}")
+
+    @property
+    def difficulty(self) -> str:
+        """The builtin:shapes difficulty preset of the tokenizer's data (held-out and probe sets use it too)."""
+        from aligntok.data.builtin import shapes_difficulty
+
+        return shapes_difficulty(self.tokenizer.data.train) or "standard"
         if self.num_latents < 1:
             raise ConfigError("num_latents must be >= 1")
 
@@ -108,26 +118,31 @@ class Progress:
         return child
 
 
-def heldout_set(cfg: EvaluationConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_set(cfg: EvaluationConfig, resolution: int, difficulty: str = "standard"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out builtin:shapes images (uint8 NCHW) and labels every experiment is measured on."""
     from aligntok.data.builtin import render_shapes
 
-    return render_shapes(cfg.num_heldout, resolution, seed=cfg.heldout_seed)
+    return render_shapes(cfg.num_heldout, resolution, seed=cfg.heldout_seed, difficulty=difficulty)
 
 
 def ensure_standins(cfg: ExperimentConfig, progress: Progress) -> dict[str, float]:
-    """Train (first run) or find in the cache the stand-in encoder (if the config names one) and the
-    evaluation network; returns the seconds each took."""
-    from aligntok.standins import STANDIN_PREFIX, ensure_eval_network, resolve_encoder_spec
+    """Find (shipped or cached) or train (first run of an unshipped recipe) the stand-in encoder, if the
+    config names one, and the evaluation network; returns the seconds each took."""
+    from aligntok.standins import (
+        STANDIN_PREFIX,
+        ensure_eval_network,
+        resolve_encoder_spec,
+    )
 
     seconds = {}
     encoder = cfg.tokenizer.model.encoder
     if encoder.startswith(STANDIN_PREFIX):
-        progress.say(f"stand-in foundation encoder {encoder} (trained on first use, then cached)")
+        progress.say(f"stand-in foundation encoder {encoder} (shipped, else trained on first use and cached)")
         started = time.perf_counter()
         resolve_encoder_spec(encoder, progress=progress.bars)
         seconds["stand-in encoder"] = round(time.perf_counter() - started, 1)
-    progress.say(f"evaluation network {cfg.eval.eval_network} (trained on first use, then cached)")
+    progress.say(f"evaluation network {cfg.eval.eval_network} (shipped, else trained on first use and cached)")
     started = time.perf_counter()
     ensure_eval_network(cfg.eval.eval_network, progress=progress.bars)
     seconds["evaluation network"] = round(time.perf_counter() - started, 1)
@@ -172,7 +187,7 @@ class Experiment:
     @property
     def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._heldout is None:
-            self._heldout = heldout_set(self.cfg.eval, self.resolution)
+            self._heldout = heldout_set(self.cfg.eval, self.resolution, self.cfg.difficulty)
         return self._heldout
 
     def use_heldout(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -256,6 +271,11 @@ class Experiment:
         reconstructions = self.reconstruct(tokenizer, images)
         metrics.update(images, reconstructions)
         recon = metrics.compute()
+        # Does a reconstruction keep the class? The evaluation network on reconstructions vs on originals.
+        from aligntok.standins import builtin_class_accuracy
+
+        recon_class = builtin_class_accuracy(reconstructions, labels, network=self.eval_network)
+        orig_class = builtin_class_accuracy(images, labels, network=self.eval_network)
         train_images, train_labels = probe_training_set(self.cfg, self.resolution)
         probe = linear_probe(
             average_pool(self.encode(tokenizer, train_images)), train_labels,
@@ -264,6 +284,7 @@ class Experiment:
         return {
             "psnr": recon["psnr"], "ssim": recon["ssim"], "perceptual": recon["lpips"], "rfd": recon["rfid"],
             "linear_probe": probe["accuracy"], "linear_probe_train": probe["train_accuracy"],
+            "recon_class_accuracy": recon_class, "orig_class_accuracy": orig_class,
             "num_heldout": recon["num_images"], "num_probe_train": len(train_labels),
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -291,7 +312,10 @@ class Experiment:
 
     def dit_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, checkpoint directory) of the DiT run's complete checkpoints, oldest first."""
-        from aligntok.training.checkpoint import complete_checkpoints, read_trainer_state
+        from aligntok.training.checkpoint import (
+            complete_checkpoints,
+            read_trainer_state,
+        )
 
         return [(int(read_trainer_state(path)["step"]), path) for path in complete_checkpoints(self.dir / "dit" / "train")]
 
@@ -355,4 +379,5 @@ def probe_training_set(cfg: ExperimentConfig, resolution: int) -> tuple[torch.Te
     """The training images (uint8) and labels the linear probe is fitted on: the first of the tokenizer's data."""
     from aligntok.data.builtin import render_shapes
 
-    return render_shapes(cfg.eval.num_probe_train, resolution, seed=cfg.tokenizer.stage1.train.seed)
+    return render_shapes(cfg.eval.num_probe_train, resolution, seed=cfg.tokenizer.stage1.train.seed,
+                         difficulty=cfg.difficulty)

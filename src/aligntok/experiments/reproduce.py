@@ -6,8 +6,10 @@ same number of tokenizer steps, each followed by the same LightningDiT recipe; t
 * the tokenizer table: reconstruction (PSNR, SSIM, perceptual distance, rFD), linear probe, gFD with
   and without guidance;
 * the stage / w_sp ablation: stage 1 only; stages 1+2 with each w_sp; all three stages;
-* Figure 4's curves: gFD against DiT training steps (every DiT checkpoint, without guidance), against
-  sampling steps and against the guidance scale (final DiT).
+* the paper's convergence question first: in how many DiT training steps each tokenizer's DiT reaches the
+  plain VAE's final gFD, with and without guidance, per seed (mean and spread) and on the mean curve;
+* Figure 4's curves: gFD against DiT training steps (every DiT checkpoint, with and without guidance),
+  against sampling steps and against the guidance scale (final DiT).
 
 Seeds change every training's initialisation and data order and the sampling noise; the held-out set
 and the evaluation network are shared. Results are mean +- standard deviation over seeds. Outputs:
@@ -30,7 +32,12 @@ from aligntok.config import ConfigError, check_choice, load_config, save_config
 from aligntok.experiments.demo import PRESETS as EXPERIMENT_PRESETS
 from aligntok.experiments.demo import preset_path
 from aligntok.experiments.pipeline import (
-    Experiment, ExperimentConfig, Progress, ensure_standins, heldout_set, write_json,
+    Experiment,
+    ExperimentConfig,
+    Progress,
+    ensure_standins,
+    heldout_set,
+    write_json,
 )
 from aligntok.training.stages import METHOD_STAGES
 
@@ -125,7 +132,7 @@ class _Runner:
     def experiment(self, cfg: ExperimentConfig, name: str, final_stage: int | None = None) -> Experiment:
         experiment = Experiment(cfg, self.out / "runs" / name, self.progress.child(name), final_stage=final_stage)
         if self.heldout is None:
-            self.heldout = heldout_set(cfg.eval, experiment.resolution)
+            self.heldout = heldout_set(cfg.eval, experiment.resolution, cfg.difficulty)
             self.network = experiment.eval_network
         experiment.use_heldout(*self.heldout)
         experiment.use_eval_network(self.network)
@@ -139,9 +146,12 @@ class _Runner:
         result = self._measure(e)
         guided = cfg.eval.sampler
         unguided = dataclasses.replace(guided, cfg_scale=1.0)
+        checkpoints = e.dit_checkpoints()
         result["by_training_step"] = {
-            step: e.evaluate_samples(f"unguided_step{step}", unguided, checkpoint=path)
-            for step, path in e.dit_checkpoints()
+            step: e.evaluate_samples(f"unguided_step{step}", unguided, checkpoint=path) for step, path in checkpoints
+        }
+        result["by_training_step_guided"] = {
+            step: e.evaluate_samples(f"guided_step{step}", guided, checkpoint=path) for step, path in checkpoints
         }
         result["by_sampling_steps"] = {
             n: e.evaluate_samples(f"guided_{n}steps", dataclasses.replace(guided, num_steps=n))
@@ -252,18 +262,42 @@ def steps_to_reach(curve: list[dict[str, Any]], target: float) -> float | None:
     return next((point["x"] for point in curve if point["mean"] <= target), None)
 
 
+_STEP_CURVES = {"unguided": "by_training_step", "guided": "by_training_step_guided"}
+
+
+def _steps_to_reach_vae(table: dict[str, Any], runs: dict[str, dict[int, Any]], curves: dict[str, Any],
+                        kind: str) -> dict[str, Any]:
+    """The paper's convergence question: DiT training steps until gFD (``kind`` of guidance) is at or below
+    the plain VAE's final mean gFD, per seed (mean and spread over the seeds that reach it) and on the mean curve."""
+    target = table["vae"][f"gfd_{kind}"]["mean"]
+    key = _STEP_CURVES[kind]
+    methods = {}
+    for method, per_seed in runs.items():
+        steps = [
+            steps_to_reach([{"x": float(x), "mean": entry["gfd"]} for x, entry in
+                            sorted(r[key].items(), key=lambda item: float(item[0]))], target)
+            for r in per_seed.values()
+        ]
+        reached = [s for s in steps if s is not None]
+        methods[method] = {
+            "per_seed": steps, "reached": len(reached), "seeds": len(steps),
+            "mean": mean_std(reached)["mean"] if reached else None,
+            "std": mean_std(reached)["std"] if reached else None,
+            "mean_curve": steps_to_reach(curves[method][key], target),
+        }
+    return {"target_gfd": target, "methods": methods}
+
+
 def summarize(rcfg: ReproduceConfig, runs: dict[str, dict[int, Any]], ablation: dict[int, Any]) -> dict[str, Any]:
     table = {method: _row(list(per_seed.values())) for method, per_seed in runs.items()}
     curves = {
         method: {key: _curve(list(per_seed.values()), key)
-                 for key in ("by_training_step", "by_sampling_steps", "by_cfg_scale")}
+                 for key in ("by_training_step", "by_training_step_guided", "by_sampling_steps", "by_cfg_scale")}
         for method, per_seed in runs.items()
     }
     reach: dict[str, Any] = {}
     if "vae" in runs:
-        target = table["vae"]["gfd_unguided"]["mean"]
-        reach = {"target_gfd_unguided": target,
-                 **{method: steps_to_reach(curves[method]["by_training_step"], target) for method in runs}}
+        reach = {kind: _steps_to_reach_vae(table, runs, curves, kind) for kind in ("unguided", "guided")}
     ablation_rows = {}
     if ablation:
         labels = list(next(iter(ablation.values())))

@@ -23,7 +23,11 @@ from torch import nn
 
 from aligntok.config import ConfigError, check_choice, config_from_dict
 from aligntok.models.decoder import DecoderConfig, LatentDecoder
-from aligntok.models.tokenizer import LatentTokenizer, TokenizerConfig, validate_latent_stats
+from aligntok.models.tokenizer import (
+    LatentTokenizer,
+    TokenizerConfig,
+    validate_latent_stats,
+)
 
 BASELINE_METHODS = ("vae", "vavae")  #: training recipes of the baselines (the same architecture)
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the posterior's log-variance to this range

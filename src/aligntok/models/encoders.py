@@ -247,13 +247,12 @@ def _preprocessor_stats(name: str) -> tuple[tuple[float, ...] | None, tuple[floa
 
 
 def load_encoder(name_or_dir: str, *, kind: str = "auto", stride: int = 16) -> FoundationEncoder:
-    """Load a pretrained foundation encoder from a hub id, a local directory, the local HF cache, or
-    ``standin:NAME`` (an offline stand-in trained on builtin:shapes, see :mod:`aligntok.standins`)."""
-    name = str(name_or_dir)
-    if name.startswith("standin:"):
-        from aligntok.standins import resolve_encoder_spec  # imported here: standins imports the eval stack
+    """Load a pretrained foundation encoder from a hub id, a local directory or the local HF cache.
 
-        name = resolve_encoder_spec(name)
+    Config-level specs such as ``standin:NAME`` are resolved to a directory before this is called
+    (:func:`aligntok.models.tokenizer.build_foundation_encoder`), so this module depends on no stand-in.
+    """
+    name = str(name_or_dir)
     local = Path(name).expanduser()
     if local.is_dir():
         name = str(local)

@@ -8,7 +8,7 @@ Models are loaded by hub id, local directory or from the offline Hugging Face ca
 concrete classes ``T5EncoderModel`` / ``CLIPTextModel``: ``AutoModel`` on a T5 checkpoint silently builds
 a full ``T5Model`` with a randomly initialised decoder. The directory's ``model_type`` is checked first, so
 a wrong directory is a one-line error. ``standin:NAME`` names an offline stand-in trained on the built-in
-captions (:mod:`aligntok.standins_text`).
+captions (:mod:`aligntok.standins.text`).
 
 Captions are padded to the batch's longest (not a fixed length: cheaper, and the mask hides the padding)
 and truncated at ``max_length``; truncations are counted in :attr:`TextConditioner.truncated`.
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError
+from aligntok.models.word_tokenizer import word_level_tokenizer
 
-SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's
 POOLED_SOURCES = ("mean", "zeros")  # anything else names a CLIP text model
 _SEQUENCE_TYPES = ("t5", "mt5", "umt5")
 _CLIP_TYPES = ("clip", "clip_text_model")
@@ -46,31 +46,6 @@ class TextConfig:
             raise ConfigError("text.encoder must name a T5 encoder (hub id, directory or standin:NAME)")
         if self.max_length < 2 or self.pooled_max_length < 2:
             raise ConfigError("max_length and pooled_max_length must be >= 2 (EOS needs a place)")
-
-
-def word_level_tokenizer(words: Iterable[str], model_max_length: int = 512):
-    """A fast word-level tokenizer (lower-cased, split on spaces and punctuation, ``</s>`` appended) over
-    ``words`` with T5's special ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2. For tiny models and stand-ins."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS)}
-    for word in sorted(set(words)):
-        vocab.setdefault(word.lower(), len(vocab))
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=model_max_length)
-
-
-def caption_words(captions: Iterable[str]) -> set[str]:
-    """The words :func:`word_level_tokenizer` would see in ``captions``."""
-    from tokenizers import pre_tokenizers
-
-    split = pre_tokenizers.Whitespace()
-    return {piece.lower() for caption in captions for piece, _ in split.pre_tokenize_str(caption)}
 
 
 def _model_type(name: str) -> str:
@@ -98,7 +73,7 @@ def _load(name: str, expected: Sequence[str], role: str):
 def resolve_text_encoder(spec: str, *, progress: bool = True) -> str:
     """``standin:NAME`` -> the cached stand-in's directory (trained on first use); any other spec unchanged."""
     if spec.startswith("standin:"):
-        from aligntok.standins_text import ensure_standin_text_encoder
+        from aligntok.standins.text import ensure_standin_text_encoder
 
         return str(ensure_standin_text_encoder(spec[len("standin:"):], progress=progress))
     return spec

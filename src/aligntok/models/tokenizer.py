@@ -62,7 +62,8 @@ class TokenizerNotFoundError(ValueError):
 class TokenizerConfig:
     """Architecture of an AlignTok tokenizer (paper default: DINOv2-L/14, f16d32)."""
 
-    encoder: str = "facebook/dinov2-large"  #: hub id or local directory of a transformers encoder, or 'random'
+    #: hub id or local directory of a transformers encoder, 'standin:NAME' (aligntok.standins) or 'random'
+    encoder: str = "facebook/dinov2-large"
     encoder_kind: str = (
         "auto"  #: auto (from the checkpoint's model_type) | dinov2 | dinov2-with-registers | mae | siglip2
     )
@@ -113,7 +114,13 @@ def build_foundation_encoder(config: TokenizerConfig) -> FoundationEncoder:
     stride = config.decoder.stride
     if config.encoder == RANDOM_ENCODER:
         return build_random_encoder(config.random_encoder, stride=stride)
-    return load_encoder(config.encoder, kind=config.encoder_kind, stride=stride)
+    name = config.encoder
+    if name.startswith("standin:"):
+        # An offline stand-in DINOv2 directory (shipped, or trained once and cached).
+        from aligntok.standins.encoder import resolve_encoder_spec
+
+        name = resolve_encoder_spec(name)
+    return load_encoder(name, kind=config.encoder_kind, stride=stride)
 
 
 class LatentTokenizer(nn.Module):
@@ -237,7 +244,9 @@ class LatentTokenizer(nn.Module):
         """
         directory = resolve_directory(str(dir_or_hub_id), what="tokenizer", error=TokenizerNotFoundError)
         if diffusers_class_name(directory) is not None:
-            from aligntok.models.diffusers_vae import DiffusersVAETokenizer  # here: that module imports this one
+            from aligntok.models.diffusers_vae import (
+                DiffusersVAETokenizer,  # here: that module imports this one
+            )
 
             return DiffusersVAETokenizer.from_diffusers(directory, source=str(dir_or_hub_id)).to(map_location).eval()
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -21,12 +21,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aligntok.config import ConfigError, DataConfig, OptimConfig, TrainConfig, check_choice
+from aligntok.config import (
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    check_choice,
+)
 from aligntok.losses.reconstruction import ReconLossConfig, ReconstructionLoss
 from aligntok.losses.semantic import SemanticLossConfig, SemanticPreservationLoss
 from aligntok.losses.vf import VFLoss, VFLossConfig
-from aligntok.models.baselines import KLConfig, VAEConfig, VAETokenizer, diagonal_gaussian_kl, sample_posterior
-from aligntok.models.tokenizer import AlignTokTokenizer, LatentTokenizer, TokenizerConfig, build_foundation_encoder
+from aligntok.models.baselines import (
+    KLConfig,
+    VAEConfig,
+    VAETokenizer,
+    diagonal_gaussian_kl,
+    sample_posterior,
+)
+from aligntok.models.tokenizer import (
+    AlignTokTokenizer,
+    LatentTokenizer,
+    TokenizerConfig,
+    build_foundation_encoder,
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,12 @@ from aligntok.training import checkpoint as ckpt
 from aligntok.training import distributed
 from aligntok.training.distributed import DistInfo
 from aligntok.training.ema import ModuleEMA, swapped_in
-from aligntok.training.logging import LOG_FILE, RunLogger, require_backends, truncate_log
+from aligntok.training.logging import (
+    LOG_FILE,
+    RunLogger,
+    require_backends,
+    truncate_log,
+)
 
 LossOutput = Mapping[str, tuple[Tensor, Mapping[str, "Tensor | float"]]]
 LoaderFactory = Callable[[int], Iterator[dict]]

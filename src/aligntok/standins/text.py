@@ -9,7 +9,7 @@ path ``google/t5-v1_1-xxl`` takes (:class:`aligntok.models.text.TextConditioner`
 Recipe (~40 s on 2 idle CPU cores): each token's state predicts its own word and both neighbours (so states
 are contextual: "red circle left of a blue square" differs from "blue circle left of a red square" token
 by token), and the masked mean predicts the caption's bag of words (so the pooled vector summarises it).
-Cached like the other stand-ins (:mod:`aligntok.standins`: recipe hash, lock, atomic rename).
+Cached like the other stand-ins (:mod:`aligntok.standins.cache`: recipe hash, lock, atomic rename).
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntok import standins
 from aligntok.config import ConfigError, OptimConfig
+from aligntok.standins.cache import ensure_cached, select_preset
+from aligntok.standins.recipe import RecipeSettings
 
 KIND = "text"
-standins._DESCRIPTIONS.setdefault(KIND, "stand-in T5 text encoder (built-in captions)")
-standins.TRAINING_RUNS.setdefault(KIND, 0)
 
 
 @dataclasses.dataclass
-class StandinTextSettings(standins._RecipeSettings):
+class StandinTextSettings(RecipeSettings):
     """Architecture and recipe of the stand-in T5 (``resolution`` is unused: captions only)."""
 
     d_model: int = 64  #: T5 width
@@ -64,7 +63,7 @@ def builtin_captions(size: int, seed: int = 0) -> list[str]:
 def _train(settings: StandinTextSettings, staging: Path) -> dict[str, Any]:
     from transformers import T5Config, T5EncoderModel
 
-    from aligntok.models.text import caption_words, word_level_tokenizer
+    from aligntok.models.word_tokenizer import caption_words, word_level_tokenizer
     from aligntok.training.trainer import lr_factor
 
     started = time.perf_counter()
@@ -117,5 +116,5 @@ def _train(settings: StandinTextSettings, staging: Path) -> dict[str, Any]:
 def ensure_standin_text_encoder(settings: StandinTextSettings | str | None = None, *, progress: bool = True) -> Path:
     """Directory of the stand-in T5 (a :data:`STANDIN_TEXT_ENCODERS` name, default ``t5-shapes``), trained
     on first use (seconds) and cached; load it with ``TextConfig(encoder=str(path))`` or ``standin:t5-shapes``."""
-    settings = standins._preset(STANDIN_TEXT_ENCODERS, "stand-in text encoder", settings, "t5-shapes")
-    return standins._ensure_cached(KIND, settings, lambda staging: _train(settings, staging), progress=progress)
+    settings = select_preset(STANDIN_TEXT_ENCODERS, "stand-in text encoder", settings, "t5-shapes")
+    return ensure_cached(KIND, settings, lambda staging: _train(settings, staging), progress=progress)
