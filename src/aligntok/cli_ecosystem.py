@@ -17,10 +17,21 @@ def _import_vavae(args: argparse.Namespace) -> None:
 
 
 def _export_pipeline(args: argparse.Namespace) -> None:
-    from aligntok.pipelines import AlignTokClassPipeline
+    from aligntok.models.t2i import INFO_FILE
 
-    AlignTokClassPipeline.from_aligntok(args.dit, args.tokenizer, timestep_shift=args.shift).save_pretrained(args.out)
-    print(f"wrote {args.out}: AlignTokClassPipeline.from_pretrained (or DiffusionPipeline.from_pretrained with "
+    if (Path(args.dit) / INFO_FILE).is_file():  # a train-t2i model directory
+        from aligntok.pipelines_t2i import AlignTokT2IPipeline as pipeline_class
+
+        if args.shift is not None:
+            raise ValueError("--shift is for class-to-image pipelines; a text-to-image pipeline takes timestep_shift "
+                             "per call (default: FLUX's rule for the image size, as sample-t2i)")
+        pipe = pipeline_class.from_aligntok(args.dit, args.tokenizer)
+    else:
+        from aligntok.pipelines import AlignTokClassPipeline as pipeline_class
+
+        pipe = pipeline_class.from_aligntok(args.dit, args.tokenizer, timestep_shift=0.3 if args.shift is None else args.shift)
+    pipe.save_pretrained(args.out)
+    print(f"wrote {args.out}: {pipeline_class.__name__}.from_pretrained (or DiffusionPipeline.from_pretrained with "
           "trust_remote_code=True) loads it")
 
 
@@ -48,11 +59,12 @@ def add_ecosystem_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.set_defaults(func=_push_to_hub)
 
-    p = sub.add_parser("export-pipeline", help="save a DiT and its tokenizer as a diffusers pipeline directory")
-    p.add_argument("--dit", required=True, help="LightningDiT directory or hub id")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer the DiT was trained on (directory, hub id, VAE)")
+    p = sub.add_parser("export-pipeline", help="save a DiT or T2I model and its tokenizer as a diffusers pipeline directory")
+    p.add_argument("--dit", "--model", dest="dit", required=True,
+                   help="LightningDiT directory or hub id (class-to-image), or a train-t2i model directory (text-to-image)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained on (directory, hub id, VAE)")
     p.add_argument("--out", type=Path, required=True, help="output directory (diffusers pipeline layout)")
-    p.add_argument("--shift", type=float, default=0.3, help="aligntok's timestep shift s (0 or 1 = none)")
+    p.add_argument("--shift", type=float, help="class-to-image: aligntok's timestep shift s (default 0.3; 0 or 1 = none)")
     p.set_defaults(func=_export_pipeline)
 
     p = sub.add_parser("import-vavae", help="convert a released VA-VAE (latent-diffusion) checkpoint into a tokenizer")

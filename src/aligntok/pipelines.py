@@ -23,6 +23,7 @@ instead of 0).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from aligntok.models.tokenizer import ALIGNTOK_METHOD, LatentTokenizer, tokenize
 
 PIPELINE_MODULE = "aligntok_pipeline"  # the module file save_pretrained writes beside model_index.json
 
-__all__ = ["AlignTokClassPipeline", "LightningDiTTransformer", "TokenizerModel", "flow_match_scheduler", "flow_match_sigmas"]
+__all__ = ["AlignTokClassPipeline", "ShimmedPipeline", "flow_match_mu", "LightningDiTTransformer", "TokenizerModel", "flow_match_scheduler", "flow_match_sigmas"]
 
 
 class LightningDiTTransformer(ModelMixin, ConfigMixin):
@@ -88,12 +89,71 @@ def flow_match_sigmas(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, num_steps + 1)[:-1]
 
 
-def flow_match_scheduler(timestep_shift: float) -> FlowMatchEulerDiscreteScheduler:
-    """The scheduler whose shift on sigma equals aligntok's ``timestep_shift`` s on t (s = 0 or 1: none)."""
+def flow_match_scheduler(timestep_shift: float | None) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler whose shift on sigma equals aligntok's ``timestep_shift`` s on t (s = 0 or 1: none).
+
+    ``None``: a shift chosen per call (``set_timesteps(..., mu=flow_match_mu(s))``, diffusers' dynamic
+    shifting as FLUX's pipeline uses it), for text-to-image's shift that depends on the image size.
+    """
+    if timestep_shift is None:
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     return FlowMatchEulerDiscreteScheduler(shift=1.0 / timestep_shift if timestep_shift > 0 else 1.0)
 
 
-class AlignTokClassPipeline(DiffusionPipeline):
+def flow_match_mu(timestep_shift: float) -> float:
+    """diffusers' ``mu`` for aligntok's shift s: its dynamic shift exp(mu) on sigma is the static shift 1 / s."""
+    return -math.log(timestep_shift) if timestep_shift > 0 else 0.0
+
+
+class ShimmedPipeline(DiffusionPipeline):
+    """An aligntok pipeline class that saves a one-line module beside its components, so that diffusers'
+    own ``DiffusionPipeline.from_pretrained`` can find a class that lives outside diffusers."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' save_pretrained, plus a one-line module naming this class, so that
+        ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` finds it (diffusers' rule for any
+        pipeline class outside diffusers; the module only imports the installed aligntok)."""
+        super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        (directory / f"{PIPELINE_MODULE}.py").write_text(_module_text(type(self)))
+        index_path = directory / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
+        """Load a directory (or hub id ``ORG/NAME[:SUBFOLDER]``) written by :meth:`save_pretrained`.
+
+        Its module file is checked to be exactly the one-line import save_pretrained writes, so loading
+        through this class runs no code from the directory and needs no ``trust_remote_code``.
+        """
+        from aligntok.hub import resolve_directory
+
+        directory = resolve_directory(str(pretrained_model_name_or_path), what="pipeline", error=ValueError)
+        module = directory / f"{PIPELINE_MODULE}.py"
+        if module.is_file() and module.read_text() == _module_text(cls):
+            kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(directory, **kwargs)
+
+    def integrate(self, x: torch.Tensor, velocity: Any, num_inference_steps: int, mu: float | None = None) -> torch.Tensor:
+        """Euler from noise ``x`` to data with the scheduler on aligntok's uniform grid (shifted by the
+        scheduler's shift, or by ``mu`` when it shifts dynamically); ``velocity(x, t)`` in aligntok's convention."""
+        self.scheduler.set_timesteps(sigmas=flow_match_sigmas(num_inference_steps), device=x.device, mu=mu)
+        for index, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            t = 1.0 - float(self.scheduler.sigmas[index])
+            x = self.scheduler.step(-velocity(x, t), timestep, x).prev_sample  # d x / d sigma = -v, as sigma = 1 - t
+        return x
+
+    @staticmethod
+    def output(images: np.ndarray, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """uint8 NHWC ``images`` as PIL images (``output_type="pil"``) or the array ("np")."""
+        if output_type == "pil":
+            images = _to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+class AlignTokClassPipeline(ShimmedPipeline):
     """Class-conditional sampling with a LightningDiT and its tokenizer (see the module doc).
 
     ``pipe(class_labels=[...], num_inference_steps=250, guidance_scale=4.0, generator=...)`` returns
@@ -126,33 +186,6 @@ class AlignTokClassPipeline(DiffusionPipeline):
         if vae.tokenizer.config.latent_mean is None:
             raise ValueError("the tokenizer has no latent statistics to de-normalise with (run aligntok cache-latents)")
         return cls(LightningDiTTransformer.from_lightningdit(dit), vae, flow_match_scheduler(timestep_shift))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """diffusers' save_pretrained, plus a one-line module naming this class, so that
-        ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` finds it (diffusers' rule for any
-        pipeline class outside diffusers; the module only imports the installed aligntok)."""
-        super().save_pretrained(save_directory, **kwargs)
-        directory = Path(save_directory)
-        (directory / f"{PIPELINE_MODULE}.py").write_text(_module_text(type(self).__name__))
-        index_path = directory / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> AlignTokClassPipeline:
-        """Load a directory (or hub id ``ORG/NAME[:SUBFOLDER]``) written by :meth:`save_pretrained`.
-
-        Its module file is checked to be exactly the one-line import save_pretrained writes, so loading
-        through this class runs no code from the directory and needs no ``trust_remote_code``.
-        """
-        from aligntok.hub import resolve_directory
-
-        directory = resolve_directory(str(pretrained_model_name_or_path), what="pipeline", error=ValueError)
-        module = directory / f"{PIPELINE_MODULE}.py"
-        if module.is_file() and module.read_text() == _module_text(cls.__name__):
-            kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(directory, **kwargs)
 
     @torch.no_grad()
     def __call__(
@@ -188,20 +221,14 @@ class AlignTokClassPipeline(DiffusionPipeline):
         if guidance_channels == "recorded":
             guidance_channels = (dit.sampler_settings or {}).get("cfg_channels")
 
-        self.scheduler.set_timesteps(sigmas=flow_match_sigmas(num_inference_steps), device=device)
-        for index, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            t = 1.0 - float(self.scheduler.sigmas[index])
-            v = guided_velocity(dit, x, t, labels, cfg_scale=guidance_scale, null_label=dit.null_label, interval=guidance_interval,
-                               channels=guidance_channels)
-            x = self.scheduler.step(-v, timestep, x).prev_sample  # d x / d sigma = -v, as sigma = 1 - t
-        images = to_uint8_nhwc(tok.decode(tok.denormalize_latents(x)))
-        if output_type == "pil":
-            images = _to_pil(images)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        x = self.integrate(x, lambda x, t: guided_velocity(
+            dit, x, t, labels, cfg_scale=guidance_scale, null_label=dit.null_label, interval=guidance_interval,
+            channels=guidance_channels), num_inference_steps)
+        return self.output(to_uint8_nhwc(tok.decode(tok.denormalize_latents(x))), output_type, return_dict)
 
 
-def _module_text(class_name: str) -> str:
-    return f"from aligntok.pipelines import {class_name}  # noqa: F401\n"
+def _module_text(cls: type) -> str:
+    return f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
 
 
 def _to_pil(images: np.ndarray) -> list[Any]:

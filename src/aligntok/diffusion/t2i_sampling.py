@@ -79,6 +79,19 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def text_config_of(info: dict[str, Any]):
+    """The :class:`TextConfig` a T2I model directory's ``aligntok_t2i.json`` records: its encoder is the very
+    directory trained with when that is still there (a stand-in's cache), else the recorded spec."""
+    from aligntok.models.text import TextConfig
+
+    fields = {f.name for f in dataclasses.fields(TextConfig)}
+    config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})
+    recorded = info["text"].get("encoder_path")
+    if recorded and Path(recorded).is_dir():
+        config.encoder = recorded
+    return config
+
+
 class T2IGenerator:
     """A T2I model with its tokenizer, text encoders and latent statistics: prompts -> uint8 NHWC images."""
 
@@ -96,18 +109,14 @@ class T2IGenerator:
     def load(cls, model_dir: str | os.PathLike, tokenizer: str | os.PathLike, device: torch.device | str = "cpu") -> T2IGenerator:
         """The model in ``model_dir`` (its text encoders and statistics as recorded there) and ``tokenizer``."""
         from aligntok.models.t2i import T2ITransformer, read_t2i_info
-        from aligntok.models.text import TextConditioner, TextConfig
         from aligntok.models.tokenizer import LatentTokenizer
+
+        from aligntok.models.text import TextConditioner
 
         info = read_t2i_info(model_dir)
         model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
         tok = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
-        fields = {f.name for f in dataclasses.fields(TextConfig)}
-        config = TextConfig(**{k: v for k, v in info["text"].items() if k in fields})
-        recorded = info["text"].get("encoder_path")
-        if recorded and Path(recorded).is_dir():  # the very encoder trained with, when still there
-            config.encoder = recorded
-        text = TextConditioner(config, progress=False).to(device)
+        text = TextConditioner(text_config_of(info), progress=False).to(device)
         return cls(model, tok, text, info["latent_mean"], info["latent_std"], info["resolution"])
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -125,18 +134,24 @@ class T2IGenerator:
         pack = self.model.config.pack
         return dataclasses.replace(sampler, timestep_shift=resolution_shift((rows // pack) * (cols // pack)))
 
+    def velocity_model(self, prompts: Sequence[str]):
+        """``v(x, t, rows)``, a class-to-image velocity model whose "labels" index ``[*prompts, ""]``: row
+        ``len(prompts)`` is the empty caption guidance runs against. Encoded in one batch (one padding length)."""
+        text, mask, pooled = self.text([*prompts, ""])
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.model(x, t, text[rows], mask[rows], pooled[rows])
+
+        return velocity
+
     def generate(self, prompts: Sequence[str], indices: Sequence[int], config: T2ISampleConfig) -> np.ndarray:
         """Images of ``prompts`` (prompt j's noise from ``(config.seed, indices[j])``): uint8 (N, H, W, 3)."""
         from aligntok.eval.images import to_uint8_nhwc
 
         rows, cols = self.latent_size(config.height, config.width)
         sampler = self.shift_for(rows, cols, config.sampler)
-        text, mask, pooled = self.text([*prompts, ""])  # the last row is the null caption
+        velocity = self.velocity_model(prompts)
         n = len(prompts)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
-            return self.model(x, t, text[rows_], mask[rows_], pooled[rows_])
-
         latents = sample(velocity, torch.arange(n, device=self.device), sampler,
                          latent_shape=(self.model.config.in_channels, rows, cols),
                          generator=[sample_generator(config.seed, i) for i in indices], null_label=n,

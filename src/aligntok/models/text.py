@@ -85,17 +85,26 @@ class TextConditioner(nn.Module):
     Not an engine module: it is never trained nor checkpointed; its source is recorded in the model dir.
     """
 
-    def __init__(self, config: TextConfig | None = None, *, progress: bool = True) -> None:
+    def __init__(self, config: TextConfig | None = None, *, progress: bool = True, models: tuple | None = None) -> None:
+        """``models``: already loaded ``(tokenizer, encoder, clip_tokenizer, clip)`` (e.g. a diffusers
+        pipeline's components; the CLIP pair None unless ``config.pooled`` names one) instead of loading
+        ``config.encoder`` / ``config.pooled``."""
         super().__init__()
         config = config or TextConfig()
         config.validate()
         self.config = config
-        self.encoder_path = resolve_text_encoder(config.encoder, progress=progress)
-        self.tokenizer, self.encoder = _load(self.encoder_path, _SEQUENCE_TYPES, "text.encoder")
-        self.clip_tokenizer = self.clip = None
-        if config.pooled not in POOLED_SOURCES:
-            self.clip_tokenizer, self.clip = _load(resolve_text_encoder(config.pooled, progress=progress),
-                                                   _CLIP_TYPES, "text.pooled")
+        if models is not None:
+            self.tokenizer, self.encoder, self.clip_tokenizer, self.clip = models
+            self.encoder_path = str(getattr(self.encoder, "name_or_path", config.encoder))
+            if (self.clip is None) != (config.pooled in POOLED_SOURCES):
+                raise ValueError(f"text.pooled={config.pooled!r} needs a CLIP text model exactly when it names one")
+        else:
+            self.encoder_path = resolve_text_encoder(config.encoder, progress=progress)
+            self.tokenizer, self.encoder = _load(self.encoder_path, _SEQUENCE_TYPES, "text.encoder")
+            self.clip_tokenizer = self.clip = None
+            if config.pooled not in POOLED_SOURCES:
+                self.clip_tokenizer, self.clip = _load(resolve_text_encoder(config.pooled, progress=progress),
+                                                       _CLIP_TYPES, "text.pooled")
         self.truncated = 0  #: captions cut at max_length so far (T5 or CLIP)
 
     @property
