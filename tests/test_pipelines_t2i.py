@@ -4,6 +4,7 @@ as `aligntok sample-t2i`, export and save/load, one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,12 @@ from aligntok.diffusion.transport import resolution_shift
 from aligntok.models.t2i import T2IConfig, T2ITransformer
 from aligntok.models.text import TextConditioner, TextConfig, build_tiny_text_encoders
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
-from aligntok.pipelines import PIPELINE_MODULE, flow_match_mu, flow_match_scheduler, flow_match_sigmas
+from aligntok.pipelines import (
+    PIPELINE_MODULE,
+    flow_match_mu,
+    flow_match_scheduler,
+    flow_match_sigmas,
+)
 from aligntok.pipelines_t2i import AlignTokT2IPipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green cross", "two red circles"]
@@ -99,6 +105,26 @@ def test_export_saves_a_t2i_pipeline_that_diffusers_loads(tmp_path):
     np.testing.assert_array_equal(run(ours), run(theirs))
     pil = ours(prompt="a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert len(pil) == 1 and pil[0].size == (32, 32)  # the training resolution by default
+
+
+def test_push_a_t2i_pipeline_as_a_diffusers_repository(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
+    uploaded = tmp_path / "uploaded"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):  # the Hub's upload recorded, not sent
+        shutil.copytree(folder_path, uploaded)
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model, tok = tiny_t2i(tmp_path, clip=False)
+    assert main(["export-pipeline", "--model", str(model), "--tokenizer", str(tok), "--out", str(tmp_path / "pipe")]) == 0
+    assert main(["push-to-hub", str(tmp_path / "pipe"), "me/t2i", "--dataset", "laion/relaion2B-en-research-safe"]) == 0
+    card = ModelCard.load(uploaded / "README.md")
+    assert card.data.library_name == "diffusers" and {"aligntok", "text-to-image"} <= set(card.data.tags)
+    assert "# AlignTok text-to-image pipeline" in card.text and "Trained at 32 px" in card.text
+    assert isinstance(AlignTokT2IPipeline.from_pretrained(uploaded), AlignTokT2IPipeline)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

@@ -46,7 +46,7 @@ from aligntok.models.tokenizer import ALIGNTOK_METHOD, LatentTokenizer, tokenize
 
 PIPELINE_MODULE = "aligntok_pipeline"  # the module file save_pretrained writes beside model_index.json
 
-__all__ = ["AlignTokClassPipeline", "ShimmedPipeline", "flow_match_mu", "LightningDiTTransformer", "TokenizerModel", "flow_match_scheduler", "flow_match_sigmas"]
+__all__ = ["AlignTokClassPipeline", "LightningDiTTransformer", "ShimmedPipeline", "TokenizerModel", "flow_match_mu", "flow_match_scheduler", "flow_match_sigmas"]
 
 
 class LightningDiTTransformer(ModelMixin, ConfigMixin):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, ModelMixin
@@ -34,7 +34,12 @@ from aligntok.diffusion.samplers import SamplerConfig, batched_randn, guided_vel
 from aligntok.diffusion.t2i_sampling import T2IGenerator, text_config_of
 from aligntok.models.t2i import T2IConfig, T2ITransformer
 from aligntok.models.text import TextConditioner
-from aligntok.pipelines import ShimmedPipeline, TokenizerModel, flow_match_mu, flow_match_scheduler
+from aligntok.pipelines import (
+    ShimmedPipeline,
+    TokenizerModel,
+    flow_match_mu,
+    flow_match_scheduler,
+)
 
 __all__ = ["AlignTokT2IPipeline", "T2ITransformerModel"]
 
@@ -60,7 +65,7 @@ class AlignTokT2IPipeline(ShimmedPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
 
     def __init__(self, transformer: T2ITransformerModel, text_encoder: Any, tokenizer: Any, vae: TokenizerModel,
                  scheduler: FlowMatchEulerDiscreteScheduler, text_encoder_2: Any = None, tokenizer_2: Any = None) -> None:

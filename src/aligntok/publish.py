@@ -1,4 +1,4 @@
-"""``push_to_hub``: a tokenizer or LightningDiT, its training config and metrics, as a Hub model repository.
+"""``push_to_hub``: a tokenizer, LightningDiT or pipeline, its training config and metrics, as a Hub model repository.
 
 The uploaded folder is the saved model (config.json, model.safetensors) plus:
 
@@ -36,8 +36,11 @@ from aligntok.hub import (
 from aligntok.models.lightningdit import FORMAT_NAME as DIT_FORMAT
 from aligntok.models.tokenizer import FORMAT_NAME as TOKENIZER_FORMAT
 from aligntok.pipelines import PIPELINE_MODULE, AlignTokClassPipeline
+from aligntok.pipelines_t2i import AlignTokT2IPipeline
 
 PIPELINE_FORMAT = "aligntok-class-pipeline"  # what _read_document reports for an AlignTokClassPipeline directory
+T2I_PIPELINE_FORMAT = "aligntok-t2i-pipeline"  # ... and for an AlignTokT2IPipeline directory
+T2I_TAGS = ["aligntok", "text-to-image", "flux"]
 DIT_TAGS = ["aligntok", "lightningdit", "class-conditional"]
 
 CONFIG_FILE = "training_config.yaml"
@@ -65,7 +68,7 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload with aligntok",
 ) -> str:
-    """Upload a tokenizer, LightningDiT or AlignTokClassPipeline (loaded, or a directory saved by one) to ``repo_id``.
+    """Upload a tokenizer, LightningDiT or pipeline (Class or T2I; loaded, or a directory saved by one) to ``repo_id``.
 
     ``config``: the training config (a YAML file or a mapping; default: ``config.yaml`` in the directory's
     parent, the run folder, if there). ``metrics``: ``aligntok evaluate`` JSON files (default: the
@@ -92,6 +95,8 @@ def push_to_hub(
             card, defaults = _tokenizer_card(directory, document)
         elif document.get("format") == PIPELINE_FORMAT:
             card, defaults, library = _pipeline_card(document), {"tags": [*DIT_TAGS, "aligntok"], "base_model": None}, "diffusers"
+        elif document.get("format") == T2I_PIPELINE_FORMAT:
+            card, defaults, library = _t2i_pipeline_card(document), {"tags": T2I_TAGS, "base_model": None}, "diffusers"
         else:
             card, defaults = _dit_card(document), {"tags": DIT_TAGS, "base_model": None}
         if license is None and document.get("method") != "diffusers-vae":
@@ -120,10 +125,14 @@ def _read_document(directory: Path) -> dict[str, Any]:
     if isinstance(pipeline, dict) and pipeline.get("_class_name") == [PIPELINE_MODULE, AlignTokClassPipeline.__name__]:
         transformer = _read_json(directory / "transformer" / "config.json") or {}
         return {"format": PIPELINE_FORMAT, "config": transformer.get("dit_config", {})}
+    if isinstance(pipeline, dict) and pipeline.get("_class_name") == [PIPELINE_MODULE, AlignTokT2IPipeline.__name__]:
+        info = (_read_json(directory / "transformer" / "config.json") or {}).get("info", {})
+        return {"format": T2I_PIPELINE_FORMAT, "config": info.get("config", {}), "text": info.get("text", {}),
+                "resolution": info.get("resolution")}
     document = _read_json(directory / "config.json")
     if not isinstance(document, dict) or document.get("format") not in (TOKENIZER_FORMAT, DIT_FORMAT):
         raise ValueError(
-            f"'{directory}' is not a saved aligntok tokenizer, LightningDiT or AlignTokClassPipeline "
+            f"'{directory}' is not a saved aligntok tokenizer, LightningDiT or AlignTokClassPipeline / AlignTokT2IPipeline "
             "(no config.json or model_index.json of one)"
         )
     return document
@@ -202,6 +211,34 @@ def _pipeline_card(document: dict[str, Any]) -> str:
         "",
         'pipe = DiffusionPipeline.from_pretrained("<this hub id>", trust_remote_code=True)  # or AlignTokClassPipeline',
         "images = pipe(class_labels=[207, 360], num_inference_steps=250, guidance_scale=4.0).images",
+        "```",
+    ])
+
+
+def _t2i_pipeline_card(document: dict[str, Any]) -> str:
+    c, text = document["config"], document["text"]
+    pooled = text.get("pooled", "mean")
+    pooled = f"CLIP `{pooled}`" if pooled not in ("mean", "zeros") else f"the T5 states' {pooled}"
+    return "\n".join([
+        "# AlignTok text-to-image pipeline",
+        "",
+        "A diffusers pipeline made by `aligntok export-pipeline`: a FLUX-architecture transformer trained with",
+        "rectified flow on an image tokenizer's latents, its text encoders, that tokenizer, and diffusers'",
+        "`FlowMatchEulerDiscreteScheduler` on aligntok's time grid. Needs `pip install aligntok`.",
+        "",
+        (f"- Transformer: {c.get('num_layers')} double-stream + {c.get('num_single_layers')} single-stream blocks, "
+         f"width {c.get('num_heads', 0) * c.get('head_dim', 0)}; {c.get('in_channels')}-channel latents, "
+         f"packing {c.get('pack')}."),
+        f"- Text: T5 `{text.get('encoder')}` (up to {text.get('max_length')} tokens); pooled vector from {pooled}.",
+        f"- Trained at {document.get('resolution')} px.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("<this hub id>", trust_remote_code=True)  # or AlignTokT2IPipeline',
+        'images = pipe(prompt=["a red circle left of a blue square"], num_inference_steps=30, guidance_scale=4.0).images',
         "```",
     ])
 

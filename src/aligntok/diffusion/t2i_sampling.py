@@ -109,9 +109,8 @@ class T2IGenerator:
     def load(cls, model_dir: str | os.PathLike, tokenizer: str | os.PathLike, device: torch.device | str = "cpu") -> T2IGenerator:
         """The model in ``model_dir`` (its text encoders and statistics as recorded there) and ``tokenizer``."""
         from aligntok.models.t2i import T2ITransformer, read_t2i_info
-        from aligntok.models.tokenizer import LatentTokenizer
-
         from aligntok.models.text import TextConditioner
+        from aligntok.models.tokenizer import LatentTokenizer
 
         info = read_t2i_info(model_dir)
         model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
