@@ -208,3 +208,40 @@ def score_images(detections: Sequence[Sequence[Detection]], metadata: Sequence[d
 
 
 Detector = Callable[[np.ndarray], list[list[Detection]]]  #: uint8 (N, H, W, 3) images -> detections per image
+
+
+def prompt_renders(metadata: Sequence[dict[str, Any]], seed: int, resolution: int, samples_per_prompt: int = 1) -> np.ndarray:
+    """Real renders of scenes made for each prompt (:func:`scene_for_prompt`), uint8 (N * n, R, R, 3),
+    prompt k's n images consecutive (sample j is scene index ``k * n + j``)."""
+    from aligntok.data.scenes import render_scene_graph
+
+    n = samples_per_prompt
+    return np.stack([np.asarray(render_scene_graph(scene_for_prompt(m, seed, k * n + j), resolution))
+                     for k, m in enumerate(metadata) for j in range(n)])
+
+
+def reconstruct(tokenizer, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """``tokenizer``'s reconstructions (encode, decode) of uint8 (N, H, W, 3) images, uint8 again: the images a
+    generator on that tokenizer could at best produce (its ceiling)."""
+    import torch
+
+    from aligntok.eval.images import from_uint8, nhwc_to_tensor, to_uint8_nhwc
+
+    device = next(tokenizer.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = from_uint8(nhwc_to_tensor(images[start : start + batch_size])).to(device)
+            out.append(to_uint8_nhwc(tokenizer.decode(tokenizer.encode(x))))
+    return np.concatenate(out)
+
+
+def miniature_geneval(detect: Detector, images: np.ndarray, metadata: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """GenEval's summary (:func:`aligntok.eval.geneval.summarize_results`) of ``images`` (prompt k's
+    ``len(images) // len(metadata)`` images consecutive) judged with ``detect``'s detections."""
+    from aligntok.eval.geneval import summarize_results
+
+    if len(images) % len(metadata):
+        raise ValueError(f"{len(images)} images do not split evenly over {len(metadata)} prompts")
+    n = len(images) // len(metadata)
+    return summarize_results(score_images(detect(images), [m for m in metadata for _ in range(n)]))
