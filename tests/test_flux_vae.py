@@ -18,7 +18,11 @@ from aligntok.models.diffusers_vae import DiffusersVAETokenizer, FluxVAEConfig
 from aligntok.models.text import build_tiny_text_encoders, caption_words
 from aligntok.models.tokenizer import LatentTokenizer
 from aligntok.standins_text import builtin_captions
-from aligntok.training.stages import METHOD_STAGES, TokenizerTrainConfig, build_tokenizer
+from aligntok.training.stages import (
+    METHOD_STAGES,
+    TokenizerTrainConfig,
+    build_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tokenizer" / "fluxvae_tiny.yaml"

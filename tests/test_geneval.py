@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 
 from aligntok.cli import main
-from aligntok.eval.geneval import GenEvalFormatError, read_metadata, summarize_results, write_geneval_folder
+from aligntok.eval.geneval import (
+    GenEvalFormatError,
+    read_metadata,
+    summarize_results,
+    write_geneval_folder,
+)
 
 METADATA = [
     {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},

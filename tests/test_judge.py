@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from aligntok.eval.geneval_scenes import create_prompts, miniature_geneval, prompt_renders, reconstruct, scene_for_prompt
+from aligntok.eval.geneval_scenes import (
+    create_prompts,
+    miniature_geneval,
+    prompt_renders,
+    reconstruct,
+    scene_for_prompt,
+)
 from aligntok.eval.judge import JudgeConfig, SceneJudge
 
 

@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from aligntok.data.scenes import SCENE_COLOURS, SCENE_KINDS, SceneGraph, SceneObject, _plural
+from aligntok.data.scenes import (
+    SCENE_COLOURS,
+    SCENE_KINDS,
+    SceneGraph,
+    SceneObject,
+    _plural,
+)
 
 COLOURS: tuple[str, ...] = tuple(SCENE_COLOURS)  #: GenEval's ten colours, in its order
 POSITIONS = ("left of", "right of", "above", "below")
@@ -53,7 +59,7 @@ def create_prompts(seed: int = 43, n: int = 10, kinds: Sequence[str] = SCENE_KIN
     """GenEval-schema metadata for the six tasks over ``kinds`` (see the module doc); seed 43 is GenEval's."""
     rng = np.random.default_rng(seed)
     kinds = list(kinds)
-    pick = lambda k: [kinds[i] for i in rng.choice(len(kinds), size=k, replace=False)]  # noqa: E731
+    pick = lambda k: [kinds[i] for i in rng.choice(len(kinds), size=k, replace=False)]
     out: list[dict[str, Any]] = [
         {"tag": "single_object", "include": [{"class": k, "count": 1}], "prompt": _article(k)}
         for k in pick(len(kinds))

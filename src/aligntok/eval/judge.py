@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from aligntok.data.scenes import SCENE_KINDS, SceneGraph, make_scene_graph, render_scene_graph
+from aligntok.data.scenes import (
+    SCENE_KINDS,
+    SceneGraph,
+    make_scene_graph,
+    render_scene_graph,
+)
 from aligntok.eval.geneval_scenes import COLOURS, Detection
 
 GRID = 3  #: cells per side, as the scenes place objects

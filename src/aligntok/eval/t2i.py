@@ -82,7 +82,7 @@ class CLIPScorer:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         out = self.model(input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device),
                          pixel_values=pixels.to(self.device))
-        unit = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)  # noqa: E731
+        unit = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)
         return unit(out.image_embeds).cpu(), unit(out.text_embeds).cpu()
 
     def describe(self) -> dict[str, Any]:
