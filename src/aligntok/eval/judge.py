@@ -8,6 +8,10 @@ from the scene graphs. A detection's confidence is ``sigmoid(objectness) * p(kin
 likely kind, its colour the most likely colour; :func:`aligntok.eval.geneval_scenes.judge` then applies
 GenEval's thresholds. The judge's accuracy on real renders of the prompts is its ceiling (reported as
 GenEval reports agreement with humans).
+
+Measured (defaults, 1 thread of a shared 2-core CPU): 38 s to train; on 73 prompts (seed 43, n 20) x 4 real
+renders, overall 0.95 (single_object 1.0, two_object 0.95, counting 0.83, colors 1.0, position 0.97,
+color_attr 0.95); on pixel noise 0.0.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ class JudgeConfig:
     input_size: int = 72  #: images are resized to this side: 72 -> 9x9 features, 3x3 per grid cell
     width: int = 16  #: channels of the first convolution (doubled twice)
     kinds: tuple[str, ...] = SCENE_KINDS
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
-    train_images: int = 3000  #: rendered scene graphs (builtin:scenes, seed ``seed``) the detector trains on
+    train_images: int = 2000  #: rendered scene graphs (builtin:scenes, seed ``seed``) the detector trains on
     negative_fraction: float = 0.1  #: noise images with no object, per rendered scene
     seed: int = 0
 
