@@ -11,18 +11,16 @@ from aligntok.eval.geneval_scenes import (
     miniature_geneval,
     prompt_renders,
     reconstruct,
-    scene_for_prompt,
 )
 from aligntok.eval.judge import JudgeConfig, SceneJudge
 
 
 @pytest.fixture(scope="module")
 def judge():
-    """Trained once (about 20 s on one core): 800 steps on 1,500 scenes plus scenes made for other prompts.
+    """Trained once (about 20 s on one core): 800 steps on 1,500 scenes plus 300 made for other prompts.
 
     Tests only read it (detect is inference-only)."""
-    extra = [scene_for_prompt(p, 1, i) for i, p in enumerate(create_prompts(seed=7, n=60))]
-    return SceneJudge.train(JudgeConfig(steps=800, train_images=1500), graphs=extra)
+    return SceneJudge.train(JudgeConfig(steps=800, train_images=1500))
 
 
 def test_judge_scores_real_renders_near_its_ceiling_and_noise_near_zero(judge):

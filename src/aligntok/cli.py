@@ -76,6 +76,12 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _demo_t2i(args: argparse.Namespace) -> None:
+    from aligntok.experiments.demo_t2i import run_demo_t2i
+
+    print(f"report: {run_demo_t2i(args.out, preset=args.preset, overrides=args.overrides)}")
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     from aligntok.experiments.reproduce import run_reproduce
 
@@ -341,6 +347,12 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
                    help="demo (default, ~5 min on 2 CPU cores) or minimal (seconds; a smoke test)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dit.train.steps=500")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("demo-t2i", help="text-to-image in miniature, offline: FLUX-tiny on scenes, miniature GenEval, report.html")
+    p.add_argument("--out", type=Path, default=Path("aligntok-demo-t2i"), help="output folder; re-running resumes")
+    p.add_argument("--preset", choices=("demo", "minimal"), default="demo", help="demo (default) or minimal (a smoke test)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. t2i.train.steps=300")
+    p.set_defaults(func=_demo_t2i)
 
     p = sub.add_parser("reproduce", help="the paper's comparisons in miniature: AlignTok vs baselines, seeds, ablations")
     p.add_argument("--out", type=Path, default=Path("aligntok-reproduce"), help="output folder; re-running resumes")

@@ -32,7 +32,12 @@ from aligntok.data.scenes import (
     make_scene_graph,
     render_scene_graph,
 )
-from aligntok.eval.geneval_scenes import COLOURS, Detection
+from aligntok.eval.geneval_scenes import (
+    COLOURS,
+    Detection,
+    create_prompts,
+    scene_for_prompt,
+)
 
 GRID = 3  #: cells per side, as the scenes place objects
 CONFIG_FILE, WEIGHTS_FILE = "judge.json", "judge.safetensors"
@@ -45,11 +50,12 @@ class JudgeConfig:
     resolution: int = 64  #: side of the scenes rendered for training (the miniature's image size)
     input_size: int = 72  #: images are resized to this side: 72 -> 9x9 features, 3x3 per grid cell
     width: int = 16  #: channels of the first convolution (doubled twice)
-    kinds: tuple[str, ...] = SCENE_KINDS
+    kinds: list[str] = dataclasses.field(default_factory=lambda: list(SCENE_KINDS))
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
     train_images: int = 2000  #: rendered scene graphs (builtin:scenes, seed ``seed``) the detector trains on
+    prompt_scenes: int = 300  #: plus scenes made for miniature GenEval prompts (not the evaluation's: seed + 7)
     negative_fraction: float = 0.1  #: noise images with no object, per rendered scene
     seed: int = 0
 
@@ -104,6 +110,9 @@ class SceneJudge:
         torch.manual_seed(config.seed)
         kinds = list(config.kinds)
         pool = [make_scene_graph(config.seed, i, tuple(kinds)) for i in range(config.train_images)] + list(graphs)
+        if config.prompt_scenes:
+            prompts = create_prompts(seed=config.seed + 7, n=60, kinds=kinds)
+            pool += [scene_for_prompt(prompts[i % len(prompts)], config.seed + 1, i) for i in range(config.prompt_scenes)]
         images = np.stack([np.asarray(render_scene_graph(g, config.resolution)) for g in pool])
         targets = np.stack([_targets(g, kinds) for g in pool])
         # Negatives (every cell empty): pixel noise and blurred noise, so noise is judged empty, not as objects.
@@ -180,7 +189,6 @@ class SceneJudge:
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{directory} holds no scene judge ({CONFIG_FILE})")
         fields = json.loads((directory / CONFIG_FILE).read_text())
-        fields["kinds"] = tuple(fields["kinds"])
         model = SceneDetector(JudgeConfig(**fields))
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         return cls(model)
