@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aligntok import __version__
 from aligntok.cli_ecosystem import add_ecosystem_parsers
+from aligntok.cli_t2i_eval import add_t2i_evaluate_parsers
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
@@ -76,6 +77,12 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _demo_t2i(args: argparse.Namespace) -> None:
+    from aligntok.experiments.demo_t2i import run_demo_t2i
+
+    print(f"report: {run_demo_t2i(args.out, preset=args.preset, overrides=args.overrides)}")
+
+
 def _reproduce(args: argparse.Namespace) -> None:
     from aligntok.experiments.reproduce import run_reproduce
 
@@ -84,20 +91,14 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _publish(kind: str, result: dict, out: Path) -> None:
-    """Rank 0 writes the JSON and prints the summary; then the process group (if any) ends."""
-    from aligntok.eval.commands import summarize, write_result
-    from aligntok.training.distributed import destroy_distributed, is_main
+    from aligntok.eval.commands import publish_result
 
-    if is_main():
-        write_result(result, out)
-        print(summarize(kind, result))
-        print(f"wrote {out}")
-    destroy_distributed()
+    publish_result(kind, result, out)
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    """`aligntok evaluate recon|gen|probe`."""
-    evaluate = sub.add_parser("evaluate", help="metrics with the field's protocols: recon, gen, probe (JSON output)")
+    """`aligntok evaluate recon|gen|probe|t2i|geneval-summary`."""
+    evaluate = sub.add_parser("evaluate", help="metrics with the field's protocols: recon, gen, probe, t2i, geneval-summary (JSON output)")
     kinds = evaluate.add_subparsers(dest="evaluation", required=True, metavar="KIND")
 
     def common(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -153,6 +154,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="the fixed pretrained encoder CKNNA measures every tokenizer against: auto (DINOv2-L/14 if "
                         "cached), a hub id, a directory, standin:NAME, or none")
     p.set_defaults(func=_evaluate_probe)
+    add_t2i_evaluate_parsers(kinds, common, offline_option)
 
 
 def _cache_latents(args: argparse.Namespace) -> None:
@@ -246,14 +248,25 @@ def _sample_t2i(args: argparse.Namespace) -> None:
     )
     from aligntok.training.distributed import destroy_distributed, is_main
 
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    geneval = None
+    if args.geneval is not None:
+        from aligntok.eval.geneval import read_metadata
+
+        geneval = read_metadata(args.geneval)
+        prompts = [entry["prompt"] for entry in geneval]
+    else:
+        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     sampler = SamplerConfig(method=args.method, num_steps=args.steps, cfg_scale=args.cfg_scale,
                             cfg_interval_start=args.interval_start, timestep_shift=args.shift)
     config = T2ISampleConfig(height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size,
                              sampler=sampler)
-    sample_t2i(args.model, args.tokenizer, prompts, args.out, config)
+    per_prompt = args.samples_per_prompt or (4 if geneval is not None else 1)
+    if geneval is None and per_prompt != 1:
+        raise ValueError("--samples-per-prompt needs --geneval (one image per prompt otherwise)")
+    sample_t2i(args.model, args.tokenizer, prompts, args.out, config, geneval=geneval, samples_per_prompt=per_prompt)
     if is_main():
-        print(f"wrote {len(prompts)} images, grid.png and sampling.json to {args.out}")
+        layout = "in GenEval's folder layout" if geneval is not None else "grid.png"
+        print(f"wrote {len(prompts) * per_prompt} images, {layout} and sampling.json to {args.out}")
     destroy_distributed()
 
 
@@ -313,6 +326,9 @@ def _add_t2i_parsers(sub: argparse._SubParsersAction) -> None:
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="one prompt")
     given.add_argument("--prompts", type=Path, help="a file: one prompt per line, or .json/.jsonl with 'prompt'")
+    given.add_argument("--geneval", type=Path, metavar="METADATA.jsonl",
+                       help="GenEval's evaluation_metadata.jsonl: write GenEval's folder layout (OUT/00000/samples/0000.png)")
+    p.add_argument("--samples-per-prompt", type=int, help="images per prompt with --geneval (default 4, GenEval's)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--height", type=int, help="pixels (default: the training resolution)")
     p.add_argument("--width", type=int, help="pixels (default: the training resolution)")
@@ -336,6 +352,12 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for torch (default 2: the demo's budget is a 2-core machine); 0 keeps torch's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dit.train.steps=500")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("demo-t2i", help="text-to-image in miniature, offline: FLUX-tiny on scenes, miniature GenEval, report.html")
+    p.add_argument("--out", type=Path, default=Path("aligntok-demo-t2i"), help="output folder; re-running resumes")
+    p.add_argument("--preset", choices=("demo", "minimal"), default="demo", help="demo (default) or minimal (a smoke test)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. t2i.train.steps=300")
+    p.set_defaults(func=_demo_t2i)
 
     p = sub.add_parser("reproduce", help="the paper's comparisons in miniature: AlignTok vs baselines, seeds, ablations")
     p.add_argument("--out", type=Path, default=Path("aligntok-reproduce"), help="output folder; re-running resumes")

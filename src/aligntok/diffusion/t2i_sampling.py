@@ -10,7 +10,9 @@ through the class-to-image sampler (:func:`.samplers.sample`): a batch's prompts
 encoded together, and the sampler's "labels" index those rows (the null label is the empty caption's).
 Time follows aligntok's convention; the grid shift defaults to FLUX's rule for the sampled token count.
 
-Outputs: ``00000.png ...`` (one per prompt), ``grid.png`` and ``sampling.json`` (prompts and every setting).
+Outputs: ``00000.png ...`` (one per prompt), ``grid.png`` and ``sampling.json`` (prompts and every setting);
+or, given GenEval metadata, GenEval's own folder layout (:mod:`aligntok.eval.geneval`: ``<k:05d>/samples/
+<j:04d>.png``, n images per prompt, sample j of prompt k seeded as prompt index ``k * n + j``) and ``sampling.json``.
 Ranks hand their images to rank 0 through ``OUT/.parts`` (multi-node runs need a shared file system); an
 interrupted run keeps its finished batches there and the same command makes only the missing ones
 (:func:`.sampling.run_batches`).
@@ -170,14 +172,23 @@ def render_grid(generator: T2IGenerator, prompts: Sequence[str], path: str | os.
 
 
 def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, prompts: Sequence[str],
-               out_dir: str | os.PathLike, config: T2ISampleConfig | None = None) -> dict[str, Any]:
-    """One image per prompt into ``out_dir`` (see the module doc); returns the settings written. torchrun-aware."""
+               out_dir: str | os.PathLike, config: T2ISampleConfig | None = None, *,
+               geneval: Sequence[dict[str, Any]] | None = None, samples_per_prompt: int = 1) -> dict[str, Any]:
+    """One image per prompt into ``out_dir`` (see the module doc); returns the settings written. torchrun-aware.
+
+    ``geneval``: GenEval metadata entries (``prompts`` is then ignored: each entry's ``prompt`` is sampled
+    ``samples_per_prompt`` times) written in GenEval's folder layout.
+    """
 
     from aligntok import __version__
     from aligntok.training import distributed
 
     config = config or T2ISampleConfig()
     config.sampler.validate()
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1")
+    if geneval is not None:
+        prompts = [entry["prompt"] for entry in geneval for _ in range(samples_per_prompt)]
     if not prompts:
         raise ValueError("no prompts given")
     if config.batch_size < 1:
@@ -206,9 +217,16 @@ def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, promp
         "device": str(dist.device), "aligntok_version": __version__,
     }
     if images is not None:  # rank 0; every file atomic, so a kill leaves whole files and the parts to resume
-        for i, image in enumerate(images):
-            _save_png(out / f"{i:05d}.png", image)
-        _save_png(out / GRID_FILE, _image_grid(images[: config.grid_max]))
+        if geneval is not None:
+            from aligntok.eval.geneval import write_geneval_folder
+
+            write_geneval_folder(out, geneval, images)
+            settings["geneval"] = {"prompts": len(geneval), "samples_per_prompt": samples_per_prompt,
+                                   "layout": "<k:05d>/metadata.jsonl, <k:05d>/samples/<j:04d>.png, <k:05d>/grid.png"}
+        else:
+            for i, image in enumerate(images):
+                _save_png(out / f"{i:05d}.png", image)
+            _save_png(out / GRID_FILE, _image_grid(images[: config.grid_max]))
         settings["seconds"] = round(time.perf_counter() - started, 3)
         write_text_atomically(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         shutil.rmtree(parts, ignore_errors=True)

@@ -706,7 +706,7 @@ def _number(value: Any, digits: int) -> str:
 
 
 def summarize(kind: str, result: Mapping[str, Any]) -> str:
-    """A few human-readable lines for ``kind`` in recon, gen, probe."""
+    """A few human-readable lines for ``kind`` in recon, gen, probe, t2i, geneval."""
     if kind == "recon":
         lines = [
             f"recon: {result['num_images']} images ({result['num_skipped']} skipped"
@@ -737,8 +737,28 @@ def summarize(kind: str, result: Mapping[str, Any]) -> str:
                 f"(chance {_number(100 * result['chance_accuracy'], 2)}%)  CKNNA {_number(result['cknna'], 4)}"
             ),
         ]
+    elif kind == "t2i":
+        from aligntok.eval.t2i import summary_lines
+
+        lines = summary_lines(dict(result))
+    elif kind == "geneval":
+        from aligntok.eval.geneval import summary_lines as geneval_lines
+
+        lines = geneval_lines(dict(result))
     else:
         raise ValueError(f"unknown evaluation kind {kind!r}")
     lines += [f"  note: {note}" for note in result.get("notes", [])]
     lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
     return "\n".join(lines)
+
+
+def publish_result(kind: str, result: Mapping[str, Any], out: str | os.PathLike) -> None:
+    """What every `aligntok evaluate KIND` ends with: rank 0 writes the JSON and prints the summary; then
+    the process group (if any) ends."""
+    from aligntok.training.distributed import destroy_distributed, is_main
+
+    if is_main():
+        write_result(result, out)
+        print(summarize(kind, result))
+        print(f"wrote {out}")
+    destroy_distributed()

@@ -20,6 +20,10 @@ and ``latents_std``. ``aligntok cache-latents`` replaces them with per-channel s
 
 ``save_pretrained`` writes an ordinary aligntok tokenizer directory (config.json holding the diffusers
 config, model.safetensors, README.md); it loads back with ``from_pretrained`` like any other.
+
+The FLUX-VAE baseline (``method: flux-vae`` in ``aligntok train-tokenizer``) is this class around an
+AutoencoderKL of :class:`FluxVAEConfig`'s shape (FLUX.1's VAE: f8, 16 latent channels) trained from
+scratch; :meth:`DiffusersVAETokenizer.posterior` gives the training stage its KL term.
 """
 
 from __future__ import annotations
@@ -43,6 +47,49 @@ from aligntok.models.tokenizer import (
 
 DIFFUSERS_CLASS = "AutoencoderKL"
 POSTERIOR_CHOICES = ("mean", "sample")
+TRAINED_SOURCE = "aligntok train-tokenizer (flux-vae, from scratch)"  #: ``source`` of a VAE aligntok trained
+
+
+@dataclasses.dataclass
+class FluxVAEConfig:
+    """An AutoencoderKL's architecture; the defaults are FLUX.1's VAE (FLUX.1-schnell ``vae/config.json``).
+
+    Stride ``2 ** (len(block_out_channels) - 1)`` (8 for FLUX), ``latent_channels`` channels (16). FLUX
+    has no 1x1 quant convolutions around the latent. ``scaling_factor``/``shift_factor`` are FLUX's
+    normalisation constants; they are recorded in the diffusers config only: a VAE trained from scratch
+    has its own latent statistics, which ``cache-latents`` (or ``train-t2i``) measures.
+    """
+
+    block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 16
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def validate(self) -> None:
+        if not self.block_out_channels or min(self.block_out_channels) <= 0:
+            raise ConfigError("block_out_channels must be a non-empty list of positive widths")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups={self.norm_num_groups}")
+        if self.latent_channels <= 0 or self.layers_per_block <= 0:
+            raise ConfigError("latent_channels and layers_per_block must be positive")
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """Keyword arguments of ``diffusers.AutoencoderKL`` for this architecture."""
+        levels = len(self.block_out_channels)
+        return {
+            **dataclasses.asdict(self), "block_out_channels": tuple(self.block_out_channels),
+            "in_channels": 3, "out_channels": 3, "act_fn": "silu", "force_upcast": True,
+            "down_block_types": ("DownEncoderBlock2D",) * levels, "up_block_types": ("UpDecoderBlock2D",) * levels,
+        }
 
 
 @dataclasses.dataclass
@@ -129,6 +176,18 @@ class DiffusersVAETokenizer(LatentTokenizer):
         )
         return cls(config, vae)
 
+    @classmethod
+    def from_scratch(cls, config: FluxVAEConfig, *, source: str = TRAINED_SOURCE) -> DiffusersVAETokenizer:
+        """A randomly initialised AutoencoderKL of ``config``'s architecture (torch's global RNG).
+
+        Latent statistics are left unset: a fresh VAE's latents have none of FLUX's scale.
+        """
+        from diffusers import AutoencoderKL
+
+        config.validate()
+        vae = AutoencoderKL(**config.diffusers_config())
+        return cls(DiffusersVAEConfig(source=source, latent_channels=config.latent_channels), vae)
+
     @property
     def stride(self) -> int:
         # AutoencoderKL halves the resolution in every down block but the last (diffusers' vae_scale_factor).
@@ -140,9 +199,23 @@ class DiffusersVAETokenizer(LatentTokenizer):
         posterior = self.vae.encode(x).latent_dist
         return posterior.mean if self.config.posterior == "mean" else posterior.sample()
 
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(z | x), each (B, latent_channels, H / stride, W / stride).
+
+        The log-variance is clamped to [-30, 20] by diffusers, as LDM and aligntok's VAE baselines do.
+        """
+        self.check_images(x)
+        posterior = self.vae.encode(x).latent_dist
+        return posterior.mean, posterior.logvar
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents."""
         return self.vae.decode(z).sample
+
+    @property
+    def decoder_last_layer(self) -> torch.nn.Parameter:
+        """The decoder's output convolution weight (where the adaptive GAN weight compares gradients)."""
+        return self.vae.decoder.conv_out.weight
 
     @classmethod
     def _from_document(cls, document: dict[str, Any]) -> DiffusersVAETokenizer:

@@ -151,6 +151,11 @@ class LatentTokenizer(nn.Module):
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
+    @property
+    def decoder_last_layer(self) -> nn.Parameter:
+        """The decoder's output layer weight, where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.last_layer
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in self.parts}
 

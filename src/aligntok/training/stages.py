@@ -8,7 +8,9 @@ table, so a test can assert it and a reader can see the method at a glance.
 The baselines the paper compares with are tables too (:data:`METHOD_STAGES`, chosen by the config's
 ``method``): the plain VAE and the VA-VAE-style VAE each have a single stage in which their whole
 tokenizer trains from scratch with L_rec + KL (+ the VF loss for the VA-VAE), so ``RUN/stage1`` is
-their output and the same command, resume logic and ``--stage`` apply.
+their output and the same command, resume logic and ``--stage`` apply. The FLUX-VAE baseline
+(``flux-vae``) is a diffusers AutoencoderKL of FLUX.1's VAE shape (f8, 16 channels; section
+``flux_vae``) trained the same way as the plain VAE: one stage, L_rec + KL, from scratch.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from aligntok.models.baselines import (
     diagonal_gaussian_kl,
     sample_posterior,
 )
+from aligntok.models.diffusers_vae import DiffusersVAETokenizer, FluxVAEConfig
 from aligntok.models.tokenizer import (
     AlignTokTokenizer,
     LatentTokenizer,
@@ -76,7 +79,10 @@ METHOD_STAGES: dict[str, dict[int, Stage]] = {
     "vavae": {
         1: Stage(1, "VA-VAE", frozenset(VAETokenizer.parts), False, False, None, kl_loss=True, vf_loss=True)
     },
+    "flux-vae": {1: Stage(1, "FLUX-VAE", frozenset(DiffusersVAETokenizer.parts), False, False, None, kl_loss=True)},
 }
+#: Tokenizers with a Gaussian posterior, which a stage with the KL term can train.
+POSTERIOR_TOKENIZERS = (VAETokenizer, DiffusersVAETokenizer)
 
 
 @dataclasses.dataclass
@@ -105,14 +111,16 @@ class StageConfig:
 class TokenizerTrainConfig:
     """Everything `aligntok train-tokenizer` needs."""
 
-    method: str = "aligntok"  #: aligntok (3 stages) | vae | vavae (baselines, 1 stage): the tokenizer and its stages
+    method: str = "aligntok"  #: aligntok (3 stages) | vae | vavae | flux-vae (baselines, 1 stage): the tokenizer and its stages
     #: AlignTok's tokenizer. The baselines take its latent_channels and decoder (so both match AlignTok's),
     #: and the VA-VAE's VF loss aligns to the foundation encoder it names (encoder, encoder_kind, random_encoder).
     model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: ReconLossConfig = dataclasses.field(default_factory=ReconLossConfig)  #: L_rec, every stage
     semantic: SemanticLossConfig = dataclasses.field(default_factory=SemanticLossConfig)  #: L_sp, stage 2
-    kl: KLConfig = dataclasses.field(default_factory=KLConfig)  #: the baselines' KL term (method vae, vavae)
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)  #: the baselines' KL term (method vae, vavae, flux-vae)
+    #: The FLUX-VAE baseline's AutoencoderKL (method flux-vae; its own shape, not model's decoder and latent)
+    flux_vae: FluxVAEConfig = dataclasses.field(default_factory=FluxVAEConfig)
     vf: VFLossConfig = dataclasses.field(default_factory=VFLossConfig)  #: the VF loss (method vavae)
     stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
     #: Stage 2 keeps an EMA with LDM's LitEma warm-up, so a stage shorter than the EMA's lag
@@ -132,7 +140,7 @@ class TokenizerTrainConfig:
 
     def validate(self) -> None:
         check_choice("method", self.method, tuple(METHOD_STAGES))
-        stride = 2 ** (len(self.model.decoder.channel_mult) - 1)
+        stride = self.flux_vae.stride if self.method == "flux-vae" else 2 ** (len(self.model.decoder.channel_mult) - 1)
         if self.data.resolution % stride:
             raise ConfigError(f"data.resolution={self.data.resolution} is not a multiple of the tokenizer stride {stride}")
         if any(self.stage(n).train.fsdp for n in self.stages):
@@ -180,7 +188,9 @@ class TokenizerStageTask:
             raise ValueError(f"stage {stage.number} needs semantic loss={stage.semantic_loss}")
         if stage.kl_loss != (kl is not None) or stage.vf_loss != (vf is not None):
             raise ValueError(f"stage {stage.number} needs KL loss={stage.kl_loss} and VF loss={stage.vf_loss}")
-        if (stage.kl_loss or stage.vf_loss) and not isinstance(tokenizer, VAETokenizer):
+        if stage.kl_loss and not isinstance(tokenizer, POSTERIOR_TOKENIZERS):
+            raise ValueError(f"stage {stage.number} ({stage.name}) trains a VAE, got a {type(tokenizer).__name__}")
+        if stage.vf_loss and not isinstance(tokenizer, VAETokenizer):
             raise ValueError(f"stage {stage.number} ({stage.name}) trains a VAE, got a {type(tokenizer).__name__}")
         if semantic is not None and not isinstance(tokenizer, AlignTokTokenizer):
             raise ValueError(f"the semantic loss needs an AlignTok tokenizer, got {type(tokenizer).__name__}")
@@ -216,6 +226,10 @@ class TokenizerStageTask:
             with torch.set_grad_enabled("encoder" in trains):
                 mean, logvar = tok.encoder(x)
             return _Encoded(sample_posterior(mean, logvar), mean=mean, logvar=logvar)
+        if isinstance(tok, DiffusersVAETokenizer):
+            with torch.set_grad_enabled("vae" in trains):
+                mean, logvar = tok.posterior(x)
+            return _Encoded(sample_posterior(mean, logvar), mean=mean, logvar=logvar)
         with torch.set_grad_enabled("encoder" in trains):
             pre = tok.encoder(x)
         with torch.set_grad_enabled(bool({"encoder", "adapter"} & trains)):
@@ -228,7 +242,7 @@ class TokenizerStageTask:
         encoded = self._encode(x)
         recon = tok.decode(encoded.latent)
         nll = self.recon_loss.nll_loss(x, recon)  # kept with its graph: the VF weight balances against it
-        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder.last_layer, nll=nll)
+        rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder_last_layer, nll=nll)
         total = rec
         if self.semantic is not None:
             sp, sp_logs = self.semantic(x, encoded.pre, encoded.latent)  # already weighted by w_sp
@@ -276,6 +290,8 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> LatentTokenizer:
     """A fresh tokenizer of the config's method: AlignTok's (pretrained encoder) or a baseline VAE."""
     if cfg.method == "aligntok":
         return AlignTokTokenizer.from_config(cfg.model)
+    if cfg.method == "flux-vae":
+        return DiffusersVAETokenizer.from_scratch(cfg.flux_vae)
     return VAETokenizer.from_config(VAEConfig.like(cfg.model, trained_with=cfg.method))
 
 

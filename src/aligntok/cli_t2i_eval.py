@@ -1,0 +1,49 @@
+"""`aligntok evaluate t2i` and `aligntok evaluate geneval-summary`: thin, like every subcommand; no torch import here."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _evaluate_t2i(args: argparse.Namespace) -> None:
+    from aligntok.eval.commands import default_output_path, publish_result
+    from aligntok.eval.t2i import evaluate_t2i
+
+    out = args.out or default_output_path(args.samples, "t2i")
+    result = evaluate_t2i(args.samples, args.prompts, clip=args.clip, pickscore=args.pickscore, ref=args.ref,
+                          inception_weights=args.inception_weights, allow_download=not args.offline,
+                          batch_size=args.batch_size)
+    publish_result("t2i", result, out)
+
+
+def _evaluate_geneval_summary(args: argparse.Namespace) -> None:
+    from aligntok.eval.commands import default_output_path, publish_result
+    from aligntok.eval.geneval import evaluate_geneval_summary
+
+    out = args.out or default_output_path(args.results, "geneval")
+    publish_result("geneval", evaluate_geneval_summary(args.results), out)
+
+
+def add_t2i_evaluate_parsers(kinds: argparse._SubParsersAction, common: Callable, offline_option: Callable) -> None:
+    """The ``t2i`` and ``geneval-summary`` kinds of `aligntok evaluate` (``common`` adds --out and --batch-size)."""
+    p = kinds.add_parser("t2i", help="CLIP score, PickScore and FID of text-to-image samples against their prompts")
+    p.add_argument("--samples", required=True, type=Path,
+                   help="sample-t2i output folder (00000.png ..., sampling.json) or a GenEval-layout folder")
+    p.add_argument("--prompts", type=Path,
+                   help="prompts, one per image in file-name order (default: the folder's sampling.json or GenEval metadata)")
+    p.add_argument("--ref", help="reference images for FID: a folder or .npz of the captions' real images, "
+                                 "center-cropped to the generation size")
+    p.add_argument("--clip", help="CLIPModel directory or hub id for the CLIP score (e.g. openai/clip-vit-large-patch14)")
+    p.add_argument("--pickscore", help="PickScore CLIPModel directory or hub id (yuvalkirstain/PickScore_v1 with "
+                                       "the CLIP-H processor files beside it)")
+    p.add_argument("--inception-weights", type=Path, help="Inception file for FID (default: torch-fidelity's cache)")
+    common(p, 32)
+    offline_option(p)
+    p.set_defaults(func=_evaluate_t2i)
+
+    p = kinds.add_parser("geneval-summary", help="per-task and overall GenEval scores of GenEval's results.jsonl")
+    p.add_argument("results", type=Path, help="results.jsonl written by GenEval's evaluation/evaluate_images.py")
+    p.add_argument("--out", type=Path, help="JSON file (default: beside the input, INPUT.eval-geneval.json)")
+    p.set_defaults(func=_evaluate_geneval_summary)
