@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import statistics
 import sys
 import time
@@ -32,7 +33,11 @@ import torch
 
 from aligntok.diffusion import SamplerConfig, Transport, sample
 from aligntok.diffusion.samplers import timestep_grid
-from aligntok.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, LightningDiTConfig
+from aligntok.models.lightningdit import (
+    LIGHTNINGDIT_PRESETS,
+    LightningDiT,
+    LightningDiTConfig,
+)
 from aligntok.training.trainer import OptimConfig, make_adamw
 
 
@@ -122,7 +127,7 @@ def reference_sample_fn(reference: torch.nn.Module, labels: torch.Tensor, sample
         x = torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(0))
         grid = timestep_grid(sampler.num_steps, sampler.timestep_shift)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+            for t, t_next in itertools.pairwise(grid):
                 both = torch.cat([x, x])
                 t_batch = torch.full((both.shape[0],), t, device=device)
                 out = reference.forward_with_cfg(both, t_batch, y, sampler.cfg_scale, cfg_interval=True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ def test_tile_starts_cover_the_length_with_the_overlap():
     assert tile_starts(20, 8, 2) == [0, 6, 12]
     starts = tile_starts(13, 6, 4)
     assert starts[0] == 0 and starts[-1] + 6 == 13
-    assert all(b - a <= 6 - 4 for a, b in zip(starts, starts[1:]))  # neighbours share >= the overlap
+    assert all(b - a <= 6 - 4 for a, b in itertools.pairwise(starts))  # neighbours share >= the overlap
 
 
 @pytest.mark.parametrize("height, width", [(13, 9), (16, 16), (7, 20)])
