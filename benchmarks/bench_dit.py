@@ -11,7 +11,8 @@ and inputs. One training step is forward + our transport loss + backward + AdamW
 optimizer our trainer builds (:func:`aligntok.training.trainer.make_adamw`, fused where supported), the
 reference with the plain ``torch.optim.AdamW`` of its ``train.py``. Steps alternate ours / reference in
 one process (the machine may be shared), ``--repeats`` rounds; medians and the ratio reference / ours
-(above 1: we are faster) are printed.
+(above 1: we are faster) are printed. ``--compile`` adds a ``Module.compile()``d copy of ours to the
+rotation (the reference compiles its blocks itself, so this is like for like).
 
 Sampling: images/s for ``--sample-steps`` Euler steps with guidance on the interval [``--cfg-interval-start``,
 1]. Ours is :func:`aligntok.diffusion.sample` (one model call of batch B outside the interval); the
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model (Module.compile, in place)")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd copy of our model (Module.compile)")
     parser.add_argument("--reference-repo", help="checkout of hustvl/LightningDiT to time the reference against")
     parser.add_argument("--sample-steps", type=int, default=30, help="Euler steps; 0 skips the sampling benchmark")
     parser.add_argument("--sample-batch", type=int, default=4)
@@ -184,22 +185,29 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if args.reference_repo:
         reference = load_reference(args.reference_repo, config).to(device).train()
         reference.load_state_dict(ours.state_dict(), strict=True)  # same weights, checked key for key
+    models = {"ours": ours}
     if args.compile:
-        ours.compile()
+        compiled = LightningDiT(config).to(device).train()
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile()
+        models["ours-compiled"] = compiled
 
     results: dict[str, float] = {}
-    params = [p for p in ours.parameters() if p.requires_grad]
-    steps = {"ours": train_step_fn(ours, make_adamw(params, OptimConfig(lr=2e-4, betas=(0.9, 0.95))), args.batch, config, device, dtype)}
+    optim = OptimConfig(lr=2e-4, betas=(0.9, 0.95))
+    steps = {name: train_step_fn(model, make_adamw(list(model.parameters()), optim), args.batch, config, device, dtype)
+             for name, model in models.items()}  # fmt: skip
     if reference is not None:
         ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=2e-4, weight_decay=0, betas=(0.9, 0.95))
         steps["reference"] = train_step_fn(reference, ref_optimizer, args.batch, config, device, dtype)
     medians = alternate(steps, args.repeats, args.warmup, device)
     for name, seconds in medians.items():
         results[f"train_step_s_{name}"] = seconds
-        print(f"{name:>9} train step: {seconds * 1e3:9.1f} ms (median of {args.repeats})")
+        print(f"{name:>13} train step: {seconds * 1e3:9.1f} ms (median of {args.repeats})")
     if reference is not None:
-        results["train_speedup"] = medians["reference"] / medians["ours"]
-        print(f"train step speed-up (reference / ours): {results['train_speedup']:.2f}x")
+        for name in models:
+            suffix = "" if name == "ours" else "_compiled"
+            results[f"train_speedup{suffix}"] = medians["reference"] / medians[name]
+            print(f"train step speed-up (reference / {name}): {results[f'train_speedup{suffix}']:.2f}x")
 
     if args.sample_steps > 0:
         ours.eval()
@@ -212,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         medians = alternate(runs, args.sample_repeats, warmup=1, device=device)
         for name, seconds in medians.items():
             results[f"sample_images_per_s_{name}"] = args.sample_batch / seconds
-            print(f"{name:>9} sampling: {args.sample_batch / seconds:8.2f} images/s "
+            print(f"{name:>13} sampling: {args.sample_batch / seconds:8.2f} images/s "
                   f"({args.sample_steps} Euler steps, guidance for t >= {args.cfg_interval_start})")  # fmt: skip
         if reference is not None:
             results["sample_speedup"] = medians["reference"] / medians["ours"]
