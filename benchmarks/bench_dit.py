@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from aligntok.config import OptimConfig
 from aligntok.diffusion import SamplerConfig, Transport, sample
 from aligntok.diffusion.samplers import timestep_grid
 from aligntok.models.lightningdit import (
@@ -39,7 +40,7 @@ from aligntok.models.lightningdit import (
     LightningDiT,
     LightningDiTConfig,
 )
-from aligntok.training.trainer import OptimConfig, make_adamw
+from aligntok.training.trainer import make_adamw
 
 
 def _stub_fairscale() -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from aligntok.config import OptimConfig
 from aligntok.diffusion import SamplerConfig, Transport, sample
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
-from aligntok.training.trainer import OptimConfig, make_adamw
+from aligntok.training.trainer import make_adamw
 
 HERE = Path(__file__).resolve().parent
 
