@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -463,3 +465,36 @@ def test_guided_sampling_with_cfg_channels_3_follows_the_reference():
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     every_channel = sample(model, y, dataclasses.replace(config, cfg_channels=None), noise=z)
     assert (every_channel - expected).abs().max() > 1e-2  # guiding every channel is another sampler
+
+
+def test_rotary_embedding_matches_the_reference_rotation_bitwise_and_broadcasts_over_stacked_q_k():
+    from aligntok.models.lightningdit import RotaryEmbedding2D
+
+    rope = RotaryEmbedding2D(head_dim=16, grid_size=6)
+    q, k = torch.randn(2, 2, 4, 36, 16).unbind(0)
+    # The reference's rotate_half: pairs (a, b) -> (-b, a), then x * cos + rotated * sin, in fp32.
+    even, odd = q.unflatten(-1, (-1, 2)).unbind(-1)
+    expected = q * rope.freqs_cos + torch.stack((-odd, even), dim=-1).flatten(-2) * rope.freqs_sin
+    assert torch.equal(rope(q), expected)
+    both = rope(torch.stack([q, k]))  # the attention rotates q and k in one pass when there is no QK-norm
+    assert torch.equal(both[0], rope(q)) and torch.equal(both[1], rope(k))
+    assert rope(q.bfloat16()).dtype == torch.bfloat16  # stays in the autocast dtype
+
+
+@pytest.mark.slow  # inductor code generation: ~20 s of CPU
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in (os.environ.get("CXX", "c++"), "g++", "clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
+def test_torch_compile_gives_the_eager_outputs():
+    # The speed option of benchmarks/bench_dit.py --compile: Module.compile in place keeps the state-dict
+    # names. Inductor fuses elementwise ops (changing rounding order), hence a tolerance, not equality.
+    torch._dynamo.reset()
+    model = _randomise(_tiny(use_qknorm=False, depth=1))
+    x, t, y = torch.randn(2, 4, 12, 12), torch.tensor([0.3, 0.9]), torch.tensor([1, 10])
+    with torch.no_grad():
+        eager = model(x, t, y)
+        model.compile()
+        compiled = model(x, t, y)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert set(model.state_dict()) == set(LightningDiT(model.config).state_dict())

@@ -145,8 +145,9 @@ class VAETokenizer(LatentTokenizer):
         return self.encoder(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The posterior mean (deterministic), (B, latent_channels, H / stride, W / stride)."""
-        return self.posterior(x)[0]
+        """The posterior mean (deterministic), (B, latent_channels, H / stride, W / stride); in tiles if enabled."""
+        self.check_images(x)
+        return self.tiled_encode(lambda tile: self.posterior(tile)[0], x)
 
     @classmethod
     def _from_document(cls, document: dict[str, Any]) -> VAETokenizer:

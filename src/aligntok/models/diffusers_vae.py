@@ -196,6 +196,9 @@ class DiffusersVAETokenizer(LatentTokenizer):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]: the posterior mean or a sample."""
         self.check_images(x)
+        return self.tiled_encode(self._encode_whole, x)
+
+    def _encode_whole(self, x: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(x).latent_dist
         return posterior.mean if self.config.posterior == "mean" else posterior.sample()
 
@@ -209,8 +212,8 @@ class DiffusersVAETokenizer(LatentTokenizer):
         return posterior.mean, posterior.logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents."""
-        return self.vae.decode(z).sample
+        """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents (in tiles if enabled)."""
+        return self.tiled_decode(lambda latents: self.vae.decode(latents).sample, z)
 
     @property
     def decoder_last_layer(self) -> torch.nn.Parameter:

@@ -191,10 +191,18 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("freqs_sin", table.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-        rotated = torch.stack((-odd, even), dim=-1).flatten(-2)
-        # fp32 tables promote bf16 inputs, as in the reference; cast back so attention gets one dtype.
-        return (x * self.freqs_cos + rotated * self.freqs_sin).to(x.dtype)
+        """Rotate ``x`` (..., tokens, head_dim); any leading dims (e.g. q and k stacked) broadcast."""
+        # The reference's rotate_half is (-odd, even) per pair, times sin. Swapping each pair (one copy)
+        # and negating sin on the even slots instead gives the same fp32 bits, since (-a) * b == a * (-b),
+        # with one elementwise pass fewer.
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        signs = torch.tensor([-1.0, 1.0], device=x.device).repeat(self.freqs_sin.shape[-1] // 2)
+        sin = self.freqs_sin * signs
+        cos = self.freqs_cos
+        if x.dtype != cos.dtype:
+            # Under autocast: bf16 tables keep the maths in x's dtype rather than promoting to fp32 and casting back.
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
@@ -214,10 +222,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
+        q, k, v = qkv.unbind(0)
+        if rope is not None and isinstance(self.q_norm, nn.Identity):
+            q, k = rope(qkv[:2]).unbind(0)  # one rotation pass for q and k together
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = rope(q), rope(k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +44,7 @@ from aligntok.models.encoders import (
     load_encoder,
     looks_like_local_path,
 )
+from aligntok.models.tiling import tiled_map
 
 RANDOM_ENCODER = "random"
 CONFIG_NAME = "config.json"
@@ -182,8 +183,42 @@ class LatentTokenizer(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents."""
-        return self.decoder(z)
+        """Images (B, 3, h * stride, w * stride), nominally in [-1, 1] (not clamped), from latents.
+        In tiles when :meth:`enable_tiling` is on and the latent is larger than one tile."""
+        return self.tiled_decode(self.decoder, z)
+
+    # ------------------------------------------------------------------------------------------ tiling
+
+    #: (tile, overlap) in latent positions while tiling is on (see :meth:`enable_tiling`), else None.
+    tiling: tuple[int, int] | None = None
+
+    def enable_tiling(self, tile_latent_size: int = 32, tile_overlap: int = 8) -> None:
+        """Encode and decode large images in overlapping tiles of ``tile_latent_size`` latent positions
+        (32 = 512 px at stride 16), blended over ``tile_overlap`` positions (:mod:`aligntok.models.tiling`),
+        so that activation memory grows with the tile, not the image. Inputs of one tile or less are
+        unchanged; larger ones are approximated where the networks look beyond the overlap (attention,
+        GroupNorm statistics), as with diffusers' ``enable_tiling``. Raises ValueError for bad sizes."""
+        if tile_latent_size <= 0 or not 0 <= tile_overlap < tile_latent_size:
+            raise ValueError(f"need tile_latent_size > tile_overlap >= 0, got {tile_latent_size} and {tile_overlap}")
+        self.tiling = (tile_latent_size, tile_overlap)
+
+    def disable_tiling(self) -> None:
+        """Encode and decode whole images again (the default)."""
+        self.tiling = None
+
+    def tiled_encode(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``encode(x)`` (a subclass's untiled encoder) on tiles when tiling is on; for subclasses' :meth:`encode`."""
+        if self.tiling is None:
+            return encode(x)
+        tile, overlap = self.tiling
+        return tiled_map(encode, x, tile=tile, overlap=overlap, in_per_unit=self.stride, out_per_unit=1)
+
+    def tiled_decode(self, decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """``decode(z)`` (an untiled decoder) on tiles when tiling is on; for :meth:`decode` overrides."""
+        if self.tiling is None:
+            return decode(z)
+        tile, overlap = self.tiling
+        return tiled_map(decode, z, tile=tile, overlap=overlap, in_per_unit=1, out_per_unit=self.stride)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
@@ -367,8 +402,9 @@ class AlignTokTokenizer(LatentTokenizer):
         return pre, self.adapter(pre)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1]."""
-        return self.features(x)[1]
+        """Latents (B, latent_channels, H / stride, W / stride) of images in [-1, 1] (in tiles if enabled)."""
+        self.check_images(x)
+        return self.tiled_encode(lambda tile: self.features(tile)[1], x)
 
     @classmethod
     def _from_document(cls, document: dict[str, Any]) -> AlignTokTokenizer:
