@@ -19,7 +19,7 @@ from aligntok.diffusion.sampling import SampleConfig, sample_to_directory
 from aligntok.diffusion.training import DiTTask, DiTTrainConfig, train_dit
 from aligntok.diffusion.transport import Transport
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
-from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
+from aligntok.models.tokenizer import AlignTokTokenizer
 from aligntok.training.checkpoint import latest_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dit"
@@ -28,21 +28,10 @@ TINY = CONFIGS / "tiny.yaml"
 FAST = ["train.steps=60", "train.batch_size=16", "train.log_every=5", "train.ckpt_every=30", "optim.warmup_steps=10"]
 
 
-def make_tokenizer(directory: Path) -> Path:
-    """A random tokenizer with the tiny config's latent shape: 16 channels, stride 16 (4x4 at 64 px)."""
-    cfg = TokenizerConfig(encoder="random", latent_channels=16, adapter_hidden=16)
-    cfg.random_encoder.hidden_size, cfg.random_encoder.patch_size, cfg.random_encoder.num_layers = 32, 16, 1
-    cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 4, [1, 1, 1, 1, 1], 4
-    cfg.decoder.layers_per_block = 1
-    torch.manual_seed(0)
-    AlignTokTokenizer.from_config(cfg).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("dit")
-    tokenizer = make_tokenizer(root / "tok")
+    tokenizer = tiny_tokenizer(root / "tok", 16)  # the tiny config's latent: 16 channels, 4x4 at 64 px
     cache_latents(tokenizer, "builtin:shapes", root / "cache", resolution=64, batch_size=32, shard_size=64,
                   num_workers=0, builtin_size=96, progress=False)
     return root

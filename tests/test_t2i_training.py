@@ -29,22 +29,10 @@ from aligntok.standins.text import builtin_captions
 TINY = Path(__file__).resolve().parents[1] / "configs" / "t2i" / "tiny.yaml"
 
 
-def make_tokenizer(directory: Path) -> Path:
-    from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
-
-    cfg = TokenizerConfig(encoder="random", latent_channels=8, adapter_hidden=16)
-    cfg.random_encoder.hidden_size, cfg.random_encoder.patch_size, cfg.random_encoder.num_layers = 32, 16, 1
-    cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 4, [1, 1, 1, 1, 1], 4
-    cfg.decoder.layers_per_block = 1
-    torch.manual_seed(0)
-    AlignTokTokenizer.from_config(cfg).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("t2i")
-    make_tokenizer(root / "tok")
+    tiny_tokenizer(root / "tok", 8)
     build_tiny_text_encoders(root / "text", caption_words(builtin_captions(200)), width=16, layers=1, heads=2)
     return root
 
@@ -193,13 +181,12 @@ def test_init_from_starts_a_fresh_run_from_a_model(setup, tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cache_latents_with_captions_then_train_from_the_cache(setup, tmp_path):
+def test_cache_latents_with_captions_then_train_from_the_cache(setup, tmp_path, tiny_tokenizer):
     from aligntok.data.builtin import swap_left_right
     from aligntok.data.latents import LatentDataset
     from aligntok.data.scenes import make_scene_graph
 
-    tok = tmp_path / "tok"
-    make_tokenizer(tok)
+    tok = tiny_tokenizer(tmp_path / "tok", 8)
     assert main(["cache-latents", "--tokenizer", str(tok), "--data", "builtin:scenes", "--resolution", "64",
                  "--builtin-size", "24", "--shard-size", "16", "--num-workers", "0", "--captions",
                  "--out", str(tmp_path / "cache")]) == 0

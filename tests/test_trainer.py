@@ -21,7 +21,13 @@ from torch import nn
 from aligntok.config import ConfigError, OptimConfig, TrainConfig
 from aligntok.training.distributed import DistInfo
 from aligntok.training.ema import ModuleEMA, warmup_decay
-from aligntok.training.trainer import Trainer, TrainingAborted, lr_factor, make_adamw, split_batch
+from aligntok.training.trainer import (
+    Trainer,
+    TrainingAborted,
+    lr_factor,
+    make_adamw,
+    split_batch,
+)
 
 FEATURES = 4
 
