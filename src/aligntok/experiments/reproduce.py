@@ -39,13 +39,13 @@ from aligntok.experiments.pipeline import (
     heldout_set,
     write_json,
 )
+from aligntok.experiments.reproduce_report import write_reproduce_report
 from aligntok.training.stages import METHOD_STAGES
 
 __all__ = ["ReproduceConfig", "load_reproduce_config", "run_reproduce", "PRESETS"]
 
 #: ``--preset`` names: presets/reproduce_NAME.yaml, merged over the demo's experiment.
 PRESETS = ("quick", "full", "minimal")
-METHOD_LABELS = {"aligntok": "AlignTok", "vae": "VAE", "vavae": "VA-VAE"}
 
 
 @dataclasses.dataclass
@@ -198,7 +198,6 @@ class _Runner:
 def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequence[str] = (),
                   progress: bool = True) -> Path:
     """Run the reproduction into ``out_dir``; returns its report.html."""
-    from aligntok.experiments.reproduce_report import write_reproduce_report
 
     rcfg = load_reproduce_config(preset, overrides)
     out = Path(out_dir)

@@ -27,13 +27,16 @@ def _cell(stats: dict[str, Any]) -> str:
     return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
 
 
+#: How the report names each tokenizer method.
+METHOD_LABELS = {"aligntok": "AlignTok", "vae": "VAE", "vavae": "VA-VAE"}
+
+
 def _rows(table: dict[str, dict[str, Any]], label: str, names: dict[str, str] | None = None) -> list[dict]:
     return [{label: (names or {}).get(key, key), **{title: _cell(row[k]) for k, title in _TABLE_COLUMNS}}
             for key, row in table.items()]
 
 
 def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) -> Path:
-    from aligntok.experiments.reproduce import METHOD_LABELS
     from aligntok.standins import read_standin_info
 
     plots = out / "plots"
