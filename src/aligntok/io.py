@@ -9,6 +9,7 @@ nothing), never half a file; the sibling is removed when the write fails. Storag
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -102,3 +103,16 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def read_json_document(path: Path, format_name: str, what: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` field is ``format_name`` and which has every key in
+    ``required``. Raises a one-line ValueError naming ``what`` (e.g. "a LightningDiT config") otherwise."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(document, dict) or document.get("format") != format_name or any(k not in document for k in required):
+        found = document.get("format") if isinstance(document, dict) else None
+        raise ValueError(f"{path} is not {what} (format={found!r}, expected {format_name!r})")
+    return document

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from aligntok.data import build_dataset, collate_samples
 from aligntok.data.shards import ShardDataset
-from aligntok.io import save_safetensors, write_text_atomically
+from aligntok.io import read_json_document, save_safetensors, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -460,13 +460,7 @@ def read_cache_metadata(cache_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{cache_dir} is not a finished latent cache (no {CACHE_FILE}); re-run aligntok cache-latents to complete it"
         )
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an aligntok latent cache (format={document.get('format') if isinstance(document, dict) else None!r})")
-    return document
+    return read_json_document(path, FORMAT_NAME, "an aligntok latent cache")
 
 
 class LatentDataset(Dataset):

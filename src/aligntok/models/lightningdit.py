@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aligntok.config import ConfigError, config_from_dict, config_to_dict
-from aligntok.io import write_directory_atomically
+from aligntok.io import read_json_document, write_directory_atomically
 from aligntok.training.checkpoint import describe_state_mismatch, state_shapes
 
 CONFIG_FILE = "config.json"
@@ -495,14 +495,7 @@ def read_pretrained_document(directory: str | os.PathLike) -> dict[str, Any]:
     config_path = resolve_directory(str(directory), what="LightningDiT", error=ValueError) / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"not a LightningDiT directory: {config_path} is missing")
-    try:
-        document = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    is_ours = isinstance(document, dict) and document.get("format") == FORMAT_NAME and "config" in document
-    if not is_ours:
-        found = document.get("format") if isinstance(document, dict) else None
-        raise ValueError(f"{config_path} is not a LightningDiT config (format={found!r}, expected {FORMAT_NAME!r})")
+    document = read_json_document(config_path, FORMAT_NAME, "a LightningDiT config", required=("config",))
     if "sampler" in document and not isinstance(document["sampler"], dict):
         raise ValueError(f"{config_path}: 'sampler' must be a mapping of SamplerConfig fields")
     return document

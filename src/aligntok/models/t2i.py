@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from aligntok.config import ConfigError, config_from_dict, config_to_dict
-from aligntok.io import write_directory_atomically
+from aligntok.io import read_json_document, write_directory_atomically
 
 FORMAT_NAME = "aligntok-t2i"
 INFO_FILE = "aligntok_t2i.json"
@@ -268,13 +268,7 @@ def read_t2i_info(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / INFO_FILE
     if not path.is_file() or not (Path(directory) / TRANSFORMER_DIR).is_dir():
         raise ValueError(f"not a T2I model directory: {directory} (needs {INFO_FILE} and {TRANSFORMER_DIR}/)")
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an aligntok T2I config (expected format {FORMAT_NAME!r})")
-    return document
+    return read_json_document(path, FORMAT_NAME, "an aligntok T2I config")
 
 
 def count_parameters(config: T2IConfig) -> int:
