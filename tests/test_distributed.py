@@ -69,7 +69,7 @@ TWO_RANKS = textwrap.dedent(
         return toys.toy_trainer(out / mode, task=task, loader=loader, dist=dist, fsdp=mode == "fsdp",
                                 steps=steps, ckpt_every=3)
 
-    for mode in ("replicated", "fsdp"):
+    def run(mode):  # trainers live in this frame, gone before the process group is destroyed
         if mode == "fsdp":  # also exercise a sharded save and load: crash after step 4, resume
             try:
                 make(mode, stop_at=4).fit()
@@ -90,6 +90,9 @@ TWO_RANKS = textwrap.dedent(
         (out / mode / f"result{dist.rank}.json").write_text(json.dumps(
             {"step": result.step, "nonfinite": result.nonfinite_steps, "resumed_from": result.resumed_from,
              "sharded": isinstance(next(trainer.modules["gen"].parameters()), DTensor)}))
+
+    for mode in ("replicated", "fsdp"):
+        run(mode)
     destroy_distributed()
     """
 )
