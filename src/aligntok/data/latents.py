@@ -15,11 +15,11 @@ and writes each unit as one safetensors shard under a temporary name that is ren
 
 Under torchrun the ranks take disjoint units (round-robin over the units still missing), so nothing is
 encoded twice. Each rank reads all its units through one DataLoader (``num_workers`` processes that keep
-loading across shard boundaries; tars are decoded one per worker). Re-running the same command keeps finished shards and encodes only the missing ones. The
-per-channel mean and std are combined from the shards' float64 moments (Chan et al.'s parallel update),
-over every latent position of both the plain and the flipped latents, i.e. over the distribution the
-DiT trains on; std is the unbiased one (as ``torch.std``). They are recorded in the cache's metadata and
-in the tokenizer's config (``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of
+loading across shard boundaries; tars are decoded one per worker). Re-running the same command keeps
+finished shards and encodes only the missing ones. The per-channel mean and std are combined from the
+shards' float64 moments (Chan et al.'s parallel update), over every latent position of both the plain
+and the flipped latents, i.e. over the distribution the DiT trains on; std is the unbiased one (as
+``torch.std``). They are recorded in the cache's metadata and in the tokenizer's config (``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of
 aligntok reads them.
 
 :class:`LatentDataset` reads a finished cache as a map-style dataset of sample dicts
