@@ -19,8 +19,8 @@ loading across shard boundaries; tars are decoded one per worker). Re-running th
 finished shards and encodes only the missing ones. The per-channel mean and std are combined from the
 shards' float64 moments (Chan et al.'s parallel update), over every latent position of both the plain
 and the flipped latents, i.e. over the distribution the DiT trains on; std is the unbiased one (as
-``torch.std``). They are recorded in the cache's metadata and in the tokenizer's config (``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of
-aligntok reads them.
+``torch.std``). They are recorded in the cache's metadata and in the tokenizer's config
+(``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of aligntok reads them.
 
 :class:`LatentDataset` reads a finished cache as a map-style dataset of sample dicts
 ``{"latent", "latent_flip", "label", "index"}``, so :func:`aligntok.data.build_loader` streams it
