@@ -74,3 +74,19 @@ def test_gpu_check_smoke_prints_one_table():
     table = [line for line in done.stdout.splitlines() if line.startswith("|")]
     assert any("MFU" in line for line in table) and any("tokenizer decode" in line for line in table)
     assert len(table) >= 10
+
+
+TINY_CACHE = ["--images", "6", "--resolution", "32", "--jpeg-size", "48", "40", "--batch-size", "2", "--shard-size", "4",
+              "--repeats", "1"]  # fmt: skip
+
+
+def test_bench_cache_latents_runs_a_table_row_and_profiles_the_tars():
+    bench = _load("bench_cache_latents")
+    # One row in subprocesses (the model anchor, the data path alone, the cache call), 1 process, 1 worker.
+    rows = bench.main([*TINY_CACHE, "--data-kinds", "jpeg", "--procs", "1", "--workers", "1"])
+    assert [(row["data"], row["procs"], row["workers"]) for row in rows] == [("jpeg", 1, 1)]
+    assert all(rows[0][key] > 0 for key in ("data_images_per_s", "call_images_per_s", "command_images_per_s",
+                                              "model_images_per_s"))
+    # In process: the tars written from the JPEG folder go through cache-latents under cProfile.
+    phases = bench.main([*TINY_CACHE, "--data-kinds", "tars", "--workers", "0", "--profile", "--profile-top", "3"])
+    assert phases["total"] > 0 and phases["encode"] > 0 and phases["load (tars)"] > 0 and phases["write"] > 0

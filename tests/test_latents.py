@@ -256,3 +256,45 @@ def test_a_real_storage_failure_under_safetensors_is_one_line_and_keeps_the_toke
     assert (tok / "config.json").read_text() == config_before  # intact, not half rewritten
     assert main(["cache-latents", "--tokenizer", str(tok), "--out", str(tmp_path / "cache"), *CLI_SETTINGS]) == 0
     assert AlignTokTokenizer.from_pretrained(tok).config.latent_mean is not None
+
+
+def _bad_image_folder(root: Path) -> Path:
+    """Six 20 px PNGs in two classes, two of them unreadable (one empty, one not a PNG)."""
+    for index in range(6):
+        path = root / ("a" if index < 3 else "b") / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (40 * index, 0, 0)).save(path)
+    (root / "a" / "1.png").write_bytes(b"not a png")
+    (root / "b" / "3.png").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["folder", "tars"])
+def test_workers_load_every_shard_through_one_loader_and_change_nothing(tmp_path, monkeypatch, kind):
+    if kind == "folder":
+        data = str(_bad_image_folder(tmp_path / "images"))
+    else:  # three tars for two workers: their batches interleave
+        dataset = build_dataset("builtin:shapes", RESOLUTION, builtin_size=7)
+        write_shards(({"image": dataset[i]["image"], "label": dataset[i]["label"]} for i in range(7)),
+                     str(tmp_path / "tars" / "%06d.tar"), 3)
+        data = str(tmp_path / "tars" / "{000000..000002}.tar")
+    tok = make_tokenizer(tmp_path / "tok")
+    settings = {**SETTINGS, "shard_size": 2, "batch_size": 2}
+    serial = cache_latents(tok, data, tmp_path / "serial", progress=False, **settings)
+    loaders = []
+    real_loader = latents_module.DataLoader
+
+    def counting_loader(*args, **kwargs):
+        loaders.append(kwargs.get("num_workers"))
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(latents_module, "DataLoader", counting_loader)
+    parallel = cache_latents(tok, data, tmp_path / "parallel", progress=False, **{**settings, "num_workers": 2})
+    assert loaders == [2]  # one loader for all shards: workers start once and load across shard boundaries
+    assert len(shard_files(tmp_path / "serial")) == 3 and parallel.written_shards == [0, 1, 2]
+    for a, b in zip(shard_files(tmp_path / "serial"), shard_files(tmp_path / "parallel"), strict=True):
+        # The same batches through the same encoder, whichever process decoded them.
+        x, y = load_file(str(a)), load_file(str(b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), a.name
+    for key in ("skipped_files", "latent_mean", "latent_std", "num_images"):
+        assert serial.metadata[key] == parallel.metadata[key], key

@@ -227,7 +227,7 @@ def _sample(args: argparse.Namespace) -> None:
     # Unset flags: the settings train-dit recorded with the DiT, else SamplerConfig's defaults.
     sampler = recorded_sampler(args.dit, **given)
     config = SampleConfig(num=args.num, seed=args.seed, labels=args.labels, batch_size=args.batch_size, sampler=sampler)
-    result = sample_to_directory(args.dit, args.tokenizer, args.out, config)
+    result = sample_to_directory(args.dit, args.tokenizer, args.out, config, compile_dit=args.compile)
     if is_main():
         print(f"wrote {args.num} samples to {result.samples}, {result.grid} and {result.directory / 'sampling.json'}")
     destroy_distributed()
@@ -415,6 +415,8 @@ def _add_diffusion_parsers(sub: argparse._SubParsersAction) -> None:
                    help="guidance only for t >= this, t=0 being noise (default 0.10; reference: 0.10 at 64 ep, 0.125 at 800)")
     p.add_argument("--shift", type=float, help="timestep shift s; 0 or 1 = none (default 0.3)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per model call")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT's blocks (pays off for many samples; on CPU needs a C++ compiler)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("import-lightningdit", help="convert a reference LightningDiT checkpoint (EMA weights if present)")

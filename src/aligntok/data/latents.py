@@ -14,12 +14,13 @@ and writes each unit as one safetensors shard under a temporary name that is ren
     CACHE/cache.json                written last: shards, per-channel mean and std, skipped files
 
 Under torchrun the ranks take disjoint units (round-robin over the units still missing), so nothing is
-encoded twice. Re-running the same command keeps finished shards and encodes only the missing ones. The
-per-channel mean and std are combined from the shards' float64 moments (Chan et al.'s parallel update),
-over every latent position of both the plain and the flipped latents, i.e. over the distribution the
-DiT trains on; std is the unbiased one (as ``torch.std``). They are recorded in the cache's metadata and
-in the tokenizer's config (``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of
-aligntok reads them.
+encoded twice. Each rank reads all its units through one DataLoader (``num_workers`` processes that keep
+loading across shard boundaries; tars are decoded one per worker). Re-running the same command keeps
+finished shards and encodes only the missing ones. The per-channel mean and std are combined from the
+shards' float64 moments (Chan et al.'s parallel update), over every latent position of both the plain
+and the flipped latents, i.e. over the distribution the DiT trains on; std is the unbiased one (as
+``torch.std``). They are recorded in the cache's metadata and in the tokenizer's config
+(``set_latent_stats`` + ``save_pretrained``, atomically), where the rest of aligntok reads them.
 
 :class:`LatentDataset` reads a finished cache as a map-style dataset of sample dicts
 ``{"latent", "latent_flip", "label", "index"}``, so :func:`aligntok.data.build_loader` streams it
@@ -39,7 +40,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    Sampler,
+    get_worker_info,
+)
 
 from aligntok.data import build_dataset, collate_samples
 from aligntok.data.shards import ShardDataset
@@ -131,14 +138,26 @@ def _plan_units(dataset: Dataset, shard_size: int) -> list[_Unit]:
     ]
 
 
-def _unit_batches(dataset: Dataset, unit: _Unit, batch_size: int, num_workers: int) -> Iterator[dict]:
-    """Batches of sample dicts of one unit, in a fixed order; bad files are listed in ``skipped``."""
-    if unit.tar is None:
-        subset = Subset(dataset, range(unit.start, unit.stop))
-        yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
-        return
-    # A tar is read once, in file order, decoding with the dataset's own decoder (no flip, epoch 0).
-    assert isinstance(dataset, ShardDataset)
+class _UnitBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices over index-range units in order; no batch crosses two units."""
+
+    def __init__(self, units: list[_Unit], batch_size: int) -> None:
+        self.units, self.batch_size = units, batch_size
+
+    def batches_of(self, unit: _Unit) -> int:
+        return -(-(unit.stop - unit.start) // self.batch_size)
+
+    def __len__(self) -> int:
+        return sum(self.batches_of(unit) for unit in self.units)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for unit in self.units:
+            for start in range(unit.start, unit.stop, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, unit.stop)))
+
+
+def _tar_batches(dataset: ShardDataset, unit: _Unit, batch_size: int) -> Iterator[dict]:
+    """Batches of one tar read once, in file order, decoded with the dataset's own decoder (no flip)."""
     pending: list[dict] = []
     skipped: list[str] = []
     for position, raw in enumerate(dataset.read_raw(unit.tar)):
@@ -157,6 +176,51 @@ def _unit_batches(dataset: Dataset, unit: _Unit, batch_size: int, num_workers: i
         yield batch
 
 
+class _TarUnits(IterableDataset):
+    """``(unit number, batch)`` for the tars of ``units``, then ``(unit number, None)`` when a tar is done.
+
+    DataLoader workers take whole tars (worker w: tars w, w + W, ...), so tars decode in parallel; their
+    batches arrive interleaved and are told apart by the unit number."""
+
+    def __init__(self, dataset: ShardDataset, units: list[_Unit], batch_size: int) -> None:
+        self.dataset, self.units, self.batch_size = dataset, units, batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, dict | None]]:
+        worker = get_worker_info()
+        mine = self.units[worker.id :: worker.num_workers] if worker is not None else self.units
+        for unit in mine:
+            for batch in _tar_batches(self.dataset, unit, self.batch_size):
+                yield unit.number, batch
+            yield unit.number, None
+
+
+def _rank_batches(
+    dataset: Dataset, units: list[_Unit], batch_size: int, num_workers: int, pin_memory: bool
+) -> Iterator[tuple[int, dict | None]]:
+    """Every batch of ``units`` as ``(unit number, batch)``, each unit ending with ``(unit number, None)``.
+
+    One DataLoader for all of a rank's units, so that workers start once and keep loading across shard
+    boundaries while the model encodes (one loader per shard drained the pipeline at every shard). A
+    unit's batches come in order; units of tars may interleave (one tar per worker). Bad files are
+    listed in each batch's ``skipped``.
+    """
+    if not units:
+        return
+    if units[0].tar is not None:
+        assert isinstance(dataset, ShardDataset)
+        workers = min(num_workers, len(units))  # a worker without a tar would only cost a process
+        yield from DataLoader(_TarUnits(dataset, units, batch_size), batch_size=None, num_workers=workers,
+                              pin_memory=pin_memory)
+        return
+    sampler = _UnitBatchSampler(units, batch_size)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
+                             pin_memory=pin_memory))
+    for unit in units:
+        for _ in range(sampler.batches_of(unit)):
+            yield unit.number, next(loader)
+        yield unit.number, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the cache
 # ---------------------------------------------------------------------------------------------
@@ -171,51 +235,60 @@ class CacheResult:
     written_shards: list[int]  #: shards this process encoded in this call (the rest existed or were another rank's)
 
 
-def _encode_unit(
-    tokenizer: Any, dataset: Dataset, unit: _Unit, *, batch_size: int, num_workers: int,
-    latent_shape: tuple[int, int, int], progress: Any,
-) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """The tensors of one shard, the files skipped in it and the captions of its samples."""
-    device = next(tokenizer.parameters()).device
-    latents, flipped, labels, indices, skipped, captions = [], [], [], [], [], []
-    seen = 0  # samples of this unit read so far
-    for batch in _unit_batches(dataset, unit, batch_size, num_workers):
-        skipped.extend(batch["skipped"])
+class _UnitEncoder:
+    """Encodes one unit's batches (plain and flipped) as they arrive; :meth:`finish` gives its shard."""
+
+    def __init__(self, tokenizer: Any, unit: _Unit, latent_shape: tuple[int, int, int]) -> None:
+        self.tokenizer, self.unit, self.latent_shape = tokenizer, unit, latent_shape
+        self.device = next(tokenizer.parameters()).device
+        self.latents: list[torch.Tensor] = []
+        self.flipped: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.skipped: list[str] = []
+        self.captions: list[str] = []
+        self.seen = 0  # samples of this unit read so far
+
+    def add(self, batch: dict, progress: Any) -> None:
+        self.skipped.extend(batch["skipped"])
         if batch["image"] is None:
-            continue
+            return
         index = batch["index"].long()
-        if unit.tar is None:
+        if self.unit.tar is None:
             # A bad image is replaced by the next good one, which is cached at its own index anyway:
             # the replacement is dropped here (no duplicates) and the bad file only counted.
-            keep = index == torch.arange(unit.start + seen, unit.start + seen + len(index))
+            keep = index == torch.arange(self.unit.start + self.seen, self.unit.start + self.seen + len(index))
         else:
             keep = torch.ones(len(index), dtype=torch.bool)
-        seen += len(index)
+        self.seen += len(index)
         progress.update(len(index))
         if not keep.any():
-            continue
-        images = batch["image"][keep].to(device)
+            return
+        images = batch["image"][keep].to(self.device, non_blocking=True)  # pinned by the loader on CUDA
         with torch.inference_mode():
-            latents.append(tokenizer.encode(images).float().cpu())
-            flipped.append(tokenizer.encode(images.flip(-1)).float().cpu())
-        labels.append(batch["label"][keep].long())
-        indices.append(index[keep])
-        captions += [c for c, k in zip(batch.get("caption", [""] * len(index)), keep.tolist()) if k]
-    empty = torch.zeros((0, *latent_shape))
-    z = torch.cat(latents) if latents else empty
-    z_flip = torch.cat(flipped) if flipped else empty
-    moments = ChannelMoments.of(z).merge(ChannelMoments.of(z_flip))
-    tensors = {
-        "latents": z.contiguous(),
-        "latents_flip": z_flip.contiguous(),
-        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-        "stat_count": torch.tensor([moments.count], dtype=torch.int64),
-        "stat_mean": moments.mean,
-        "stat_m2": moments.m2,
-    }
-    # A run of bad files is listed by every draw that passed over it: keep each file once.
-    return tensors, list(dict.fromkeys(skipped)), captions
+            self.latents.append(self.tokenizer.encode(images).float().cpu())
+            self.flipped.append(self.tokenizer.encode(images.flip(-1)).float().cpu())
+        self.labels.append(batch["label"][keep].long())
+        self.indices.append(index[keep])
+        self.captions += [c for c, k in zip(batch.get("caption", [""] * len(index)), keep.tolist()) if k]
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+        """The tensors of the unit's shard, the files skipped in it and the captions of its samples."""
+        empty = torch.zeros((0, *self.latent_shape))
+        z = torch.cat(self.latents) if self.latents else empty
+        z_flip = torch.cat(self.flipped) if self.flipped else empty
+        moments = ChannelMoments.of(z).merge(ChannelMoments.of(z_flip))
+        tensors = {
+            "latents": z.contiguous(),
+            "latents_flip": z_flip.contiguous(),
+            "labels": torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.long),
+            "indices": torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.long),
+            "stat_count": torch.tensor([moments.count], dtype=torch.int64),
+            "stat_mean": moments.mean,
+            "stat_m2": moments.m2,
+        }
+        # A run of bad files is listed by every draw that passed over it: keep each file once.
+        return tensors, list(dict.fromkeys(self.skipped)), self.captions
 
 
 def _resolved_spec(data: str) -> str:
@@ -329,17 +402,22 @@ def cache_latents(
         log.info("latent cache %s: %d of %d shards to encode on %d rank(s)", out, len(missing), len(units), dist.world_size)
     total = sum(_unit_size(dataset, u) for u in mine)
     written: list[int] = []
+    by_number = {unit.number: unit for unit in mine}
+    open_units: dict[int, _UnitEncoder] = {}  # more than one only while workers read several tars
+    batches = _rank_batches(dataset, mine, batch_size, num_workers, pin_memory=dist.device.type == "cuda")
     with progress_bar(total=total, unit="img", desc="cache-latents", disable=not (progress and dist.is_main)) as bar:
-        for unit in mine:
-            tensors, skipped, texts = _encode_unit(
-                tokenizer, dataset, unit, batch_size=batch_size, num_workers=num_workers,
-                latent_shape=latent_shape, progress=bar,
-            )
+        for number, batch in batches:
+            if number not in open_units:
+                open_units[number] = _UnitEncoder(tokenizer, by_number[number], latent_shape)
+            if batch is not None:
+                open_units[number].add(batch, bar)
+                continue
+            tensors, skipped, texts = open_units.pop(number).finish()
             # Atomic: a kill or a full disk leaves no shard rather than half of one, and a re-run encodes it.
             extra = {"captions": json.dumps([[c, flip_caption(c)] for c in texts])} if captions else {}
-            save_safetensors(tensors, out / unit.file_name,
+            save_safetensors(tensors, out / by_number[number].file_name,
                              metadata={"format": FORMAT_NAME, "skipped": json.dumps(skipped), **extra})
-            written.append(unit.number)
+            written.append(number)
     dist.barrier()
 
     def finish() -> dict[str, Any]:
@@ -372,7 +450,7 @@ def cache_latents(
             "latent cache %s: %d images, %d skipped; statistics written to %s",
             out, metadata["num_images"], metadata["skipped_images"], tokenizer_dir,
         )
-    return CacheResult(out, metadata, written)
+    return CacheResult(out, metadata, sorted(written))
 
 
 def _writable_tokenizer(source: str, out: Path) -> tuple[str, bool]:

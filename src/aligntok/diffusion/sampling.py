@@ -250,12 +250,17 @@ def sample_to_directory(
     tokenizer: str | os.PathLike,
     out_dir: str | os.PathLike,
     config: SampleConfig | None = None,
+    *,
+    compile_dit: bool = False,
 ) -> SampleResult:
     """Sample ``config.num`` images from the DiT in ``dit`` and decode them with ``tokenizer`` into ``out_dir``.
 
     Runs as one process or under torchrun (every rank calls it); see the module doc for the outputs.
-    ``tokenizer`` is any tokenizer source (directory, hub id, diffusers AutoencoderKL). Raises a one-line
-    ValueError when the DiT and tokenizer do not fit together or the tokenizer has no latent statistics.
+    ``tokenizer`` is any tokenizer source (directory, hub id, diffusers AutoencoderKL). ``compile_dit``:
+    ``torch.compile`` the DiT's blocks (:meth:`LightningDiT.compile_repeated_blocks`; the same samples up
+    to float rounding, so a resumed run may mix the two). Raises a one-line ValueError when the DiT and
+    tokenizer do not fit together, the tokenizer has no latent statistics, or ``compile_dit`` lacks a C++
+    compiler on the CPU.
     """
     from PIL import Image
 
@@ -268,7 +273,11 @@ def sample_to_directory(
     config = config or SampleConfig()
     config.validate()
     dist = distributed.init_distributed()
+    if compile_dit and not LightningDiT.can_compile(dist.device):
+        raise ValueError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++; or set CXX)")
     model = LightningDiT.from_pretrained(dit, device=dist.device).eval()
+    if compile_dit:
+        model.compile_repeated_blocks()
     tok = AlignTokTokenizer.from_pretrained(tokenizer, map_location=dist.device).eval()
     if model.config.in_channels != tok.latent_channels:
         raise ValueError(

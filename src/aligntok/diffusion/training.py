@@ -63,6 +63,13 @@ class DiTDataConfig:
 
 
 @dataclasses.dataclass
+class DiTLoopConfig(TrainConfig):
+    """The engine's training loop plus what only DiT training offers."""
+
+    compile: bool = False  #: torch.compile the DiT's transformer blocks (as the reference); checkpoints keep plain names. Inductor on CPU needs a C++ compiler
+
+
+@dataclasses.dataclass
 class DiTTrainConfig:
     """Everything `aligntok train-dit` needs. Defaults: the paper's LightningDiT-XL/1 recipe."""
 
@@ -70,9 +77,9 @@ class DiTTrainConfig:
     model: LightningDiTConfig = dataclasses.field(default_factory=LightningDiTConfig)  #: architecture
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)  #: t sampling and loss terms
     data: DiTDataConfig = dataclasses.field(default_factory=DiTDataConfig)  #: latent cache or images
-    train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(batch_size=1024, ema_decay=0.9999)
-    )  #: loop, batch, precision, EMA, checkpoints
+    train: DiTLoopConfig = dataclasses.field(
+        default_factory=lambda: DiTLoopConfig(batch_size=1024, ema_decay=0.9999)
+    )  #: loop, batch, precision, EMA, checkpoints, compile
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=2e-4, betas=(0.9, 0.95))
     )  #: AdamW of the DiT (reference: lr 2e-4, beta2 0.95, no weight decay)
@@ -206,6 +213,8 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     dist = init_distributed()
+    if cfg.train.compile and not LightningDiT.can_compile(dist.device):
+        raise ConfigError("train.compile=true on the CPU needs a C++ compiler (c++, g++ or clang++; or set CXX)")
     model_cfg = cfg.model_config()
     tokenizer = None
     if cfg.data.cache:
@@ -256,6 +265,10 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
         task, train=cfg.train, optim={"model": cfg.optim}, loader_factory=loader_factory,
         out_dir=run_dir / "train", run_config=cfg, dist=dist,
     )
+    if cfg.train.compile:
+        # After the engine has taken its EMA copy: a deep copy would share the compiled callables, which
+        # stay bound to the live blocks. Compiling in place leaves parameters and state-dict names alone.
+        model.compile_repeated_blocks()
     result = trainer.fit()
     # Full (gathered) weights work for replicated and FSDP-sharded training alike; collective.
     state = trainer.ema_state_dict("model") if "model" in trainer.emas else trainer.model_state_dict("model")

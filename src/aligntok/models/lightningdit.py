@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,24 @@ class LightningDiT(nn.Module):
             nn.init.zeros_(modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    @staticmethod
+    def can_compile(device: torch.device | str) -> bool:
+        """Whether inductor can generate code for ``device``: on the CPU it needs a C++ compiler (CXX, c++, g++ or clang++)."""
+        if torch.device(device).type != "cpu":
+            return True
+        return any(shutil.which(cc) for cc in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+
+    def compile_repeated_blocks(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` each transformer block in place (``Module.compile``; diffusers' method name).
+
+        As the reference's ``@torch.compile`` on its blocks: one graph serves every block, the state dict
+        keeps its plain names (no ``_orig_mod.``), and the label dropout's random draw stays eager, so a
+        compiled training run consumes the same random numbers as an eager one. ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``backend``, ``mode``). Inductor on CPU needs a C++ compiler.
+        """
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
