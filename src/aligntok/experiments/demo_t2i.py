@@ -3,8 +3,8 @@
 A tiny AlignTok tokenizer (``aligntok demo``'s when ``tokenizer`` names one that exists, else trained here
 with the demo's preset), the stand-in T5, FLUX-tiny trained on ``builtin:scenes``, then: samples for
 fixed prompts, the miniature GenEval (:mod:`aligntok.eval.geneval_scenes`) judged by the stand-in detector
-(:mod:`aligntok.eval.judge`) with its ceiling on real renders and the tokenizer's ceiling on their
-reconstructions, and the scene CLIP's score (:mod:`aligntok.eval.clip_scenes`). Writes ``report.html``,
+(:mod:`aligntok.standins.judge`) with its ceiling on real renders and the tokenizer's ceiling on their
+reconstructions, and the scene CLIP's score (:mod:`aligntok.standins.scene_clip`). Writes ``report.html``,
 ``metrics.json`` (``geneval_overall``, ``geneval_tasks``, ``judge_ceiling``, ``tokenizer_ceiling``,
 ``clip_score``, ``wall_seconds``), GenEval's folder layout (``geneval/``) and its ``results.jsonl``.
 Every trained piece is kept in the output folder, so re-running resumes.
@@ -23,8 +23,8 @@ import numpy as np
 
 from aligntok.config import load_config
 from aligntok.diffusion.t2i_training import T2ITrainConfig
-from aligntok.eval.clip_scenes import SceneCLIPConfig
-from aligntok.eval.judge import JudgeConfig
+from aligntok.standins.scene_clip import SceneCLIPConfig
+from aligntok.standins.judge import JudgeConfig
 
 PRESETS = ("demo", "minimal")
 
@@ -90,7 +90,7 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
     """Run the T2I demo into ``out_dir``; returns the path of its report.html."""
     from aligntok.diffusion.t2i_sampling import T2IGenerator
     from aligntok.diffusion.t2i_training import train_t2i
-    from aligntok.eval.clip_scenes import retrieval_accuracy, train_scene_clip
+    from aligntok.standins.scene_clip import retrieval_accuracy, train_scene_clip
     from aligntok.eval.geneval import write_geneval_folder
     from aligntok.eval.geneval_scenes import (
         create_prompts,
@@ -99,7 +99,7 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
         reconstruct,
         score_images,
     )
-    from aligntok.eval.judge import SceneJudge
+    from aligntok.standins.judge import SceneJudge
     from aligntok.eval.t2i import CLIPScorer
     from aligntok.experiments.pipeline import write_json
 
