@@ -10,7 +10,11 @@ import pytest
 from aligntok import standins
 from aligntok.cli import main
 from aligntok.config import ConfigError
-from aligntok.experiments.reproduce_t2i import TASKS, load_t2i_reproduce_config, summarize
+from aligntok.experiments.reproduce_t2i import (
+    TASKS,
+    load_t2i_reproduce_config,
+    summarize,
+)
 from aligntok.models.text import build_tiny_text_encoders
 from aligntok.models.word_tokenizer import caption_words
 from aligntok.standins.text import builtin_captions
@@ -62,6 +66,7 @@ def test_t2i_minimal_reproduction_runs_end_to_end(tmp_path, monkeypatch):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.html").read_text()
     assert all(name in report for name in ("AlignTok", "FLUX VAE", "judge ceiling", "tokenizer ceiling", "± "))
+    assert report.count("<img") == 4 + 6  # the curves, and one sample grid per GenEval task
     # Re-running reads every measurement back: the same numbers, no retraining.
     mtime = (runs / "aligntok" / "seed0" / "t2i" / "model" / "aligntok_t2i.json").stat().st_mtime_ns
     assert main(["reproduce", "--preset", "t2i-minimal", "--out", str(out), *overrides]) == 0

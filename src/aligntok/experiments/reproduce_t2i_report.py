@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.eval.report import Section, write_report
-from aligntok.experiments.reproduce_report import METHOD_LABELS, curve_figure, stats_cell
+from aligntok.experiments.reproduce_report import (
+    METHOD_LABELS,
+    curve_figure,
+    stats_cell,
+)
 
 _CURVES = (  # (results key, file name, title, y label)
     ("geneval_overall", "t2i_geneval_vs_training_steps", "Miniature GenEval overall vs T2I training steps (guided)",
@@ -19,6 +23,40 @@ _CURVES = (  # (results key, file name, title, y label)
     ("clip_score", "t2i_clip_score_vs_training_steps", "Scene-CLIP score vs T2I training steps (guided)",
      "CLIP score (scene CLIP)"),
 )
+
+
+def sample_figures(out: Path, rcfg, images_per_prompt: int = 4) -> list[tuple[bytes, str]]:
+    """For the first prompt of each GenEval task: a real render, then each tokenizer's final model's samples
+    (first seed; the GenEval prompts' sampling settings), as report figures."""
+    import numpy as np
+
+    from aligntok.diffusion.t2i_sampling import T2IGenerator
+    from aligntok.eval.geneval_scenes import create_prompts, prompt_renders
+    from aligntok.eval.report import image_grid, png_bytes
+    from aligntok.experiments.demo_t2i import generate
+    from aligntok.models.t2i import read_t2i_info
+
+    e, seed = rcfg.eval, rcfg.seeds[0]
+    firsts = {}
+    for m in create_prompts(seed=e.geneval_seed, n=e.geneval_per_task):
+        firsts.setdefault(m["tag"], m)
+    metadata = list(firsts.values())
+    prompts = [m["prompt"] for m in metadata]
+    rows = [prompt_renders(metadata, seed=e.heldout_seed, resolution=rcfg.t2i.data.resolution,
+                           samples_per_prompt=images_per_prompt)]
+    names = ["real renders"]
+    for method in rcfg.methods:
+        model_dir = out / "runs" / method / f"seed{seed}" / "t2i" / "model"
+        generator = T2IGenerator.load(model_dir, read_t2i_info(model_dir)["tokenizer"])
+        rows.append(generate(generator, prompts, images_per_prompt, steps=e.sample_steps, cfg_scale=e.cfg_scale, seed=seed))
+        names.append(METHOD_LABELS.get(method, method))
+    figures = []
+    n = images_per_prompt
+    for k, meta in enumerate(metadata):
+        images = np.concatenate([row[k * n : (k + 1) * n] for row in rows])
+        figures.append((png_bytes(image_grid(images, columns=n), scale=2),
+                        f"{meta['tag']}: \"{meta['prompt']}\"; rows: {', '.join(names)} (seed {seed})"))
+    return figures
 
 
 def write_t2i_reproduce_report(out: Path, rcfg, results: dict[str, Any]) -> Path:
@@ -71,6 +109,8 @@ def write_t2i_reproduce_report(out: Path, rcfg, results: dict[str, Any]) -> Path
                 table=per_task),
         Section("CLIP-score references", table=ceilings),
         Section("Curves against T2I training steps", figures=figures),
+        Section("Samples", "One prompt per GenEval task: real renders of scenes made for it, then each tokenizer's "
+                "final T2I model's samples.", figures=sample_figures(out, rcfg)),
     ]
     return write_report(out / "report.html", title=f"aligntok reproduce ({results['preset']})", intro=intro,
                         sections=sections)
