@@ -26,7 +26,8 @@ retrieval accuracy and its score on real renders (``clip_ceiling``).
 ``tokenizer_ceiling_tasks`` (task -> stats), ``psnr``, ``rfd`` (reconstructions of the held-out renders);
 ``curves``: per method and metric (``geneval_overall``, ``gfd_guided``, ``gfd_unguided``, ``clip_score``) a
 list of ``{x: T2I step, mean, std, n, values}``; ``per_seed``: per method and seed, ``tokenizer`` and
-``by_training_step`` (step -> that checkpoint's measurements). Everything lands under ``runs/METHOD/seedS``
+``by_training_step`` (step -> that checkpoint's measurements); ``timings_seconds`` (the judge's and the scene
+CLIP's training, when this call trained them). Everything lands under ``runs/METHOD/seedS``
 and re-running resumes.
 """
 
@@ -41,7 +42,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from aligntok.config import ConfigError, check_choice, config_to_dict, load_config, save_config
+from aligntok.config import (
+    ConfigError,
+    check_choice,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from aligntok.diffusion.t2i_training import T2ITrainConfig
 from aligntok.experiments.demo import preset_path
 from aligntok.experiments.demo_t2i import (
@@ -52,7 +59,11 @@ from aligntok.experiments.demo_t2i import (
 )
 from aligntok.experiments.demo_t2i import preset_path as t2i_preset_path
 from aligntok.experiments.pipeline import Progress, compute_once, write_json
-from aligntok.experiments.reproduce import mean_std, seeded_tokenizer, tokenizer_for_method
+from aligntok.experiments.reproduce import (
+    mean_std,
+    seeded_tokenizer,
+    tokenizer_for_method,
+)
 from aligntok.standins.judge import JudgeConfig
 from aligntok.standins.scene_clip import SceneCLIPConfig
 from aligntok.training.stages import METHOD_STAGES, TokenizerTrainConfig
@@ -79,10 +90,8 @@ class T2IEvalConfig:
     cfg_scale: float = 4.0  #: guidance scale "with guidance" (without: 1)
 
     def validate(self) -> None:
-        if min(self.num_heldout, self.geneval_per_task, self.images_per_prompt, self.sample_steps) < 1:
-            raise ConfigError("num_heldout, geneval_per_task, images_per_prompt and sample_steps must be >= 1")
-        if self.num_heldout < 2:
-            raise ConfigError("gFD needs num_heldout >= 2")
+        if min(self.geneval_per_task, self.images_per_prompt, self.sample_steps) < 1 or self.num_heldout < 2:
+            raise ConfigError("geneval_per_task, images_per_prompt and sample_steps must be >= 1, num_heldout >= 2 (gFD)")
 
 
 @dataclasses.dataclass
@@ -166,7 +175,11 @@ class _Runner:
         from aligntok.diffusion.t2i_sampling import T2IGenerator
         from aligntok.diffusion.t2i_training import train_t2i
         from aligntok.models.t2i import INFO_FILE
-        from aligntok.training.checkpoint import complete_checkpoints, load_tensors, read_trainer_state
+        from aligntok.training.checkpoint import (
+            complete_checkpoints,
+            load_tensors,
+            read_trainer_state,
+        )
         from aligntok.training.stages import train_tokenizer
 
         run_dir = self.out / "runs" / method / f"seed{seed}"
