@@ -10,7 +10,7 @@ from PIL import Image
 
 from aligntok.cli import main
 from aligntok.data.scenes import make_scene_graph, render_scene_graph
-from aligntok.eval.clip_scenes import (
+from aligntok.standins.scene_clip import (
     SceneCLIPConfig,
     retrieval_accuracy,
     train_scene_clip,

@@ -12,7 +12,7 @@ from aligntok.eval.geneval_scenes import (
     prompt_renders,
     reconstruct,
 )
-from aligntok.eval.judge import JudgeConfig, SceneJudge
+from aligntok.standins.judge import JudgeConfig, SceneJudge
 
 
 @pytest.fixture(scope="module")

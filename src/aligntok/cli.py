@@ -85,8 +85,11 @@ def _demo_t2i(args: argparse.Namespace) -> None:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from aligntok.experiments.reproduce import run_reproduce
+    from aligntok.experiments.reproduce_t2i import PRESETS as T2I_PRESETS
+    from aligntok.experiments.reproduce_t2i import run_reproduce_t2i
 
-    report = run_reproduce(args.out, preset=args.preset, overrides=args.overrides)
+    run = run_reproduce_t2i if args.preset in T2I_PRESETS else run_reproduce
+    report = run(args.out, preset=args.preset, overrides=args.overrides)
     print(f"report: {report}")
 
 
@@ -361,8 +364,9 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reproduce", help="the paper's comparisons in miniature: AlignTok vs baselines, seeds, ablations")
     p.add_argument("--out", type=Path, default=Path("aligntok-reproduce"), help="output folder; re-running resumes")
-    p.add_argument("--preset", choices=("quick", "full", "minimal"), default="quick",
-                   help="quick (<20 min on 2 CPU cores), full (<2 h) or minimal (a smoke test)")
+    p.add_argument("--preset", choices=("quick", "full", "minimal", "t2i-quick", "t2i-full", "t2i-minimal"),
+                   default="quick", help="class-to-image: quick (<20 min on 2 CPU cores), full (<2 h) or minimal (a "
+                   "smoke test); text-to-image (AlignTok vs FLUX VAE vs VAE on scenes): t2i-quick, t2i-full, t2i-minimal")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every experiment's config")
     p.set_defaults(func=_reproduce)
 

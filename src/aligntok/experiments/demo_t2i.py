@@ -3,8 +3,8 @@
 A tiny AlignTok tokenizer (``aligntok demo``'s when ``tokenizer`` names one that exists, else trained here
 with the demo's preset), the stand-in T5, FLUX-tiny trained on ``builtin:scenes``, then: samples for
 fixed prompts, the miniature GenEval (:mod:`aligntok.eval.geneval_scenes`) judged by the stand-in detector
-(:mod:`aligntok.eval.judge`) with its ceiling on real renders and the tokenizer's ceiling on their
-reconstructions, and the scene CLIP's score (:mod:`aligntok.eval.clip_scenes`). Writes ``report.html``,
+(:mod:`aligntok.standins.judge`) with its ceiling on real renders and the tokenizer's ceiling on their
+reconstructions, and the scene CLIP's score (:mod:`aligntok.standins.scene_clip`). Writes ``report.html``,
 ``metrics.json`` (``geneval_overall``, ``geneval_tasks``, ``judge_ceiling``, ``tokenizer_ceiling``,
 ``clip_score``, ``wall_seconds``), GenEval's folder layout (``geneval/``) and its ``results.jsonl``.
 Every trained piece is kept in the output folder, so re-running resumes.
@@ -23,8 +23,8 @@ import numpy as np
 
 from aligntok.config import load_config
 from aligntok.diffusion.t2i_training import T2ITrainConfig
-from aligntok.eval.clip_scenes import SceneCLIPConfig
-from aligntok.eval.judge import JudgeConfig
+from aligntok.standins.judge import JudgeConfig
+from aligntok.standins.scene_clip import SceneCLIPConfig
 
 PRESETS = ("demo", "minimal")
 
@@ -51,7 +51,8 @@ class DemoT2IConfig:
     seed: int = 0
 
 
-def _preset(name: str) -> Path:
+def preset_path(name: str) -> Path:
+    """The embedded demo-t2i preset ``name`` (presets/t2i_NAME.yaml)."""
     return Path(str(resources.files("aligntok.experiments") / "presets" / f"t2i_{name}.yaml"))
 
 
@@ -74,23 +75,54 @@ def _tokenizer(cfg: DemoT2IConfig, out: Path, timings: dict[str, float]) -> Path
     return outputs.get(max(outputs), stage_output_dir(out / "tokenizer", max(outputs)))
 
 
-def _generate(generator, prompts: list[str], n: int, cfg: DemoT2IConfig) -> np.ndarray:
-    """n images per prompt, prompt k's consecutive; image k * n + j seeded as prompt index k * n + j."""
+def generate(generator, prompts: list[str], n: int, *, steps: int, cfg_scale: float, seed: int,
+             batch_size: int = 32) -> np.ndarray:
+    """n images per prompt, uint8 (len(prompts) * n, H, W, 3), prompt k's consecutive; image k * n + j is
+    seeded as prompt index k * n + j (FLUX's resolution shift, guidance on every step)."""
     from aligntok.diffusion.samplers import SamplerConfig
     from aligntok.diffusion.t2i_sampling import T2ISampleConfig
 
-    config = T2ISampleConfig(seed=cfg.seed, sampler=SamplerConfig(num_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                                                                   cfg_interval_start=0.0, timestep_shift=0.0))
+    config = T2ISampleConfig(seed=seed, sampler=SamplerConfig(num_steps=steps, cfg_scale=cfg_scale,
+                                                               cfg_interval_start=0.0, timestep_shift=0.0))
     flat = [p for p in prompts for _ in range(n)]
-    batches = [generator.generate(flat[i : i + 32], range(i, min(i + 32, len(flat))), config) for i in range(0, len(flat), 32)]
+    batches = [generator.generate(flat[i : i + batch_size], range(i, min(i + batch_size, len(flat))), config)
+               for i in range(0, len(flat), batch_size)]
     return np.concatenate(batches)
+
+
+def ensure_judge(config: JudgeConfig, directory: Path, timings: dict[str, float]):
+    """The stand-in judge saved in ``directory``, trained there first (timed) when it is missing."""
+    from aligntok.standins.judge import CONFIG_FILE, SceneJudge
+
+    if not (directory / CONFIG_FILE).is_file():
+        started = time.perf_counter()
+        SceneJudge.train(config).save(directory)
+        timings["stand-in judge training"] = round(time.perf_counter() - started, 1)
+    return SceneJudge.load(directory)
+
+
+def ensure_scene_clip(config: SceneCLIPConfig, directory: Path, timings: dict[str, float]) -> Path:
+    """The scene CLIP's directory, trained there first (timed) when it is missing."""
+    from aligntok.standins.scene_clip import train_scene_clip
+
+    if not (directory / "config.json").is_file():
+        started = time.perf_counter()
+        train_scene_clip(directory, config)
+        timings["scene CLIP training"] = round(time.perf_counter() - started, 1)
+    return directory
+
+
+def mean_clip_score(scorer, images: np.ndarray, prompts: list[str]) -> float:
+    """CLIP score (:func:`aligntok.eval.t2i.clip_score`) averaged over (image, prompt) pairs."""
+    from aligntok.eval.t2i import clip_score
+
+    return float(clip_score(*scorer.embed(images, prompts)).mean())
 
 
 def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] = ()) -> Path:
     """Run the T2I demo into ``out_dir``; returns the path of its report.html."""
     from aligntok.diffusion.t2i_sampling import T2IGenerator
     from aligntok.diffusion.t2i_training import train_t2i
-    from aligntok.eval.clip_scenes import retrieval_accuracy, train_scene_clip
     from aligntok.eval.geneval import write_geneval_folder
     from aligntok.eval.geneval_scenes import (
         create_prompts,
@@ -99,14 +131,14 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
         reconstruct,
         score_images,
     )
-    from aligntok.eval.judge import SceneJudge
     from aligntok.eval.t2i import CLIPScorer
     from aligntok.experiments.pipeline import write_json
+    from aligntok.standins.scene_clip import retrieval_accuracy
 
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
     started = time.perf_counter()
-    files = [_preset("demo")] + ([_preset(preset)] if preset != "demo" else [])
+    files = [preset_path("demo")] + ([preset_path(preset)] if preset != "demo" else [])
     cfg = load_config(DemoT2IConfig, files, list(overrides))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,19 +154,16 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
     t2i_cfg = dataclasses.replace(cfg.t2i, data=dataclasses.replace(cfg.t2i.data, tokenizer=str(tokenizer_dir),
                                                                     build_tokenizer=None))
     model_dir = timed("FLUX-tiny training", train_t2i, t2i_cfg, out / "t2i")
-    if not (out / "judge" / "judge.json").is_file():
-        timed("stand-in judge training", SceneJudge.train, cfg.judge).save(out / "judge")
-    judge = SceneJudge.load(out / "judge")
-    clip_dir = out / "clip"
-    if not (clip_dir / "config.json").is_file():
-        timed("scene CLIP training", train_scene_clip, clip_dir, cfg.clip)
+    judge = ensure_judge(cfg.judge, out / "judge", timings)
+    clip_dir = ensure_scene_clip(cfg.clip, out / "clip", timings)
 
     generator = T2IGenerator.load(model_dir, tokenizer_dir)
     metadata = create_prompts(seed=cfg.geneval_seed, n=cfg.geneval_per_task)
     n = cfg.images_per_prompt
-    samples = timed("sampling (GenEval prompts)", _generate, generator, [m["prompt"] for m in metadata], n, cfg)
+    sampling = {"steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed}
+    samples = timed("sampling (GenEval prompts)", generate, generator, [m["prompt"] for m in metadata], n, **sampling)
     write_geneval_folder(out / "geneval", metadata, samples)
-    shown = timed("sampling (showcase prompts)", _generate, generator, cfg.prompts, n, cfg) if cfg.prompts else None
+    shown = timed("sampling (showcase prompts)", generate, generator, cfg.prompts, n, **sampling) if cfg.prompts else None
 
     resolution = samples.shape[1]
     real = prompt_renders(metadata, seed=cfg.seed, resolution=resolution, samples_per_prompt=n)
@@ -144,10 +173,7 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
     rows = score_images(judge.detect(samples), [m for m in metadata for _ in range(n)],
                         [f"{k:05d}/samples/{j:04d}.png" for k in range(len(metadata)) for j in range(n)])
     (out / "geneval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scorer = CLIPScorer(clip_dir)
-    prompts_flat = [m["prompt"] for m in metadata for _ in range(n)]
-    image_embeds, text_embeds = scorer.embed(samples, prompts_flat)
-    clip_score = float((100 * (image_embeds * text_embeds).sum(-1).clamp(min=0)).mean())
+    clip_score = mean_clip_score(CLIPScorer(clip_dir), samples, [m["prompt"] for m in metadata for _ in range(n)])
     metrics: dict[str, Any] = {
         "geneval_overall": generated["overall"],
         "geneval_tasks": {tag: t["score"] for tag, t in generated["tasks"].items()},

@@ -154,7 +154,7 @@ def write_json(path: Path, value: Any) -> None:
     write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
-def _once(path: Path, compute: Callable[[], Any]) -> Any:
+def compute_once(path: Path, compute: Callable[[], Any]) -> Any:
     """``compute()``'s JSON result, computed once: read back from ``path`` on later calls."""
     if path.is_file():
         return json.loads(path.read_text())
@@ -257,7 +257,7 @@ class Experiment:
     def evaluate_tokenizer(self, stage: int | None = None) -> dict[str, Any]:
         """Reconstruction (PSNR, SSIM, perceptual distance, rFD) on the held-out images and the linear probe."""
         stage = stage or self.final_stage
-        return _once(self.dir / "results" / f"tokenizer_stage{stage}.json", lambda: self._evaluate_tokenizer(stage))
+        return compute_once(self.dir / "results" / f"tokenizer_stage{stage}.json", lambda: self._evaluate_tokenizer(stage))
 
     def _evaluate_tokenizer(self, stage: int) -> dict[str, Any]:
         from aligntok.eval.probe import average_pool, linear_probe
@@ -360,7 +360,7 @@ class Experiment:
                 "seconds": round(time.perf_counter() - started, 2),
             }
 
-        return _once(self.dir / "results" / f"gen_{name}.json", compute)
+        return compute_once(self.dir / "results" / f"gen_{name}.json", compute)
 
 
 class _PerceptualDistance:

@@ -40,7 +40,7 @@ from aligntok.experiments.pipeline import (
     write_json,
 )
 from aligntok.experiments.reproduce_report import write_reproduce_report
-from aligntok.training.stages import METHOD_STAGES
+from aligntok.training.stages import METHOD_STAGES, TokenizerTrainConfig
 
 __all__ = ["ReproduceConfig", "load_reproduce_config", "run_reproduce", "PRESETS"]
 
@@ -82,29 +82,38 @@ def load_reproduce_config(preset: str, overrides: Sequence[str] = ()) -> Reprodu
     return load_config(ReproduceConfig, [*experiments, preset_path(f"reproduce_{preset}")], overrides)
 
 
-def seeded(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
-    """``cfg`` with every training seed and the sampling seed set to ``seed``."""
-    tok = cfg.tokenizer
+def seeded_tokenizer(tok: TokenizerTrainConfig, seed: int) -> TokenizerTrainConfig:
+    """``tok`` with every stage's training seed set to ``seed``."""
     stages = {
         f"stage{n}": dataclasses.replace(tok.stage(n), train=dataclasses.replace(tok.stage(n).train, seed=seed))
         for n in (1, 2, 3)
     }
+    return dataclasses.replace(tok, **stages)
+
+
+def seeded(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """``cfg`` with every training seed and the sampling seed set to ``seed``."""
     return dataclasses.replace(
         cfg,
-        tokenizer=dataclasses.replace(tok, **stages),
+        tokenizer=seeded_tokenizer(cfg.tokenizer, seed),
         dit=dataclasses.replace(cfg.dit, train=dataclasses.replace(cfg.dit.train, seed=seed)),
         eval=dataclasses.replace(cfg.eval, sample_seed=seed),
     )
 
 
-def for_method(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
-    """A baseline trains its one stage for as many steps as AlignTok's stages together (same budget)."""
+def tokenizer_for_method(tok: TokenizerTrainConfig, method: str) -> TokenizerTrainConfig:
+    """AlignTok's ``tok`` turned into ``method``'s: a baseline trains its one stage for as many steps as
+    AlignTok's stages together (same budget)."""
     if method == "aligntok":
-        return cfg
-    tok = cfg.tokenizer
+        return tok
     budget = sum(tok.stage(n).train.steps for n in METHOD_STAGES["aligntok"])
     stage1 = dataclasses.replace(tok.stage1, train=dataclasses.replace(tok.stage1.train, steps=budget))
-    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(tok, method=method, stage1=stage1))
+    return dataclasses.replace(tok, method=method, stage1=stage1)
+
+
+def for_method(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """``cfg`` with :func:`tokenizer_for_method`'s tokenizer."""
+    return dataclasses.replace(cfg, tokenizer=tokenizer_for_method(cfg.tokenizer, method))
 
 
 def _with_w_sp(cfg: ExperimentConfig, w_sp: float) -> ExperimentConfig:

@@ -23,31 +23,37 @@ _CURVES = (  # (results key, file name, title, x label, log x)
 )
 
 
-def _cell(stats: dict[str, Any]) -> str:
+def stats_cell(stats: dict[str, Any]) -> str:
+    """A table cell "mean ± std" of :func:`aligntok.experiments.reproduce.mean_std`'s statistics."""
     return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
 
 
-#: How the report names each tokenizer method.
-METHOD_LABELS = {"aligntok": "AlignTok", "vae": "VAE", "vavae": "VA-VAE"}
+#: How the reports name each tokenizer method.
+METHOD_LABELS = {"aligntok": "AlignTok", "vae": "VAE", "vavae": "VA-VAE", "flux-vae": "FLUX VAE"}
+
+
+def curve_figure(plots: Path, name: str, curves: dict[str, list[dict[str, Any]]], *, title: str, xlabel: str,
+                 ylabel: str, seeds: int, logx: bool = False) -> tuple[bytes, str]:
+    """One report figure of per-method curves (lists of ``{x, mean, std}``) with error bars, also written to
+    ``plots/NAME.png``: (PNG bytes, caption)."""
+    series = {METHOD_LABELS.get(m, m): [(p["x"], p["mean"], p["std"]) for p in points] for m, points in curves.items()}
+    png = plot_curves(series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx)
+    plots.mkdir(exist_ok=True)
+    replace_atomically(plots / f"{name}.png", lambda staging: staging.write_bytes(png))
+    return png, f"{title}; mean ± std over {seeds} seeds (plots/{name}.png)"
 
 
 def _rows(table: dict[str, dict[str, Any]], label: str, names: dict[str, str] | None = None) -> list[dict]:
-    return [{label: (names or {}).get(key, key), **{title: _cell(row[k]) for k, title in _TABLE_COLUMNS}}
+    return [{label: (names or {}).get(key, key), **{title: stats_cell(row[k]) for k, title in _TABLE_COLUMNS}}
             for key, row in table.items()]
 
 
 def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) -> Path:
     from aligntok.standins import read_standin_info
 
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    figures = []
-    for key, name, title, xlabel, logx in _CURVES:
-        series = {METHOD_LABELS[m]: [(p["x"], p["mean"], p["std"]) for p in curves[key]]
-                  for m, curves in results["curves"].items()}
-        png = plot_curves(series, title=title, xlabel=xlabel, ylabel="gFD (evaluation CNN)", logx=logx)
-        replace_atomically(plots / f"{name}.png", lambda staging, png=png: staging.write_bytes(png))
-        figures.append((png, f"{title}; mean ± std over {len(rcfg.seeds)} seeds (plots/{name}.png)"))
+    figures = [curve_figure(out / "plots", name, {m: curves[key] for m, curves in results["curves"].items()},
+                            title=title, xlabel=xlabel, ylabel="gFD (evaluation CNN)", seeds=len(rcfg.seeds), logx=logx)
+               for key, name, title, xlabel, logx in _CURVES]
 
     reach_rows = []
     for kind, entry in results["steps_to_reach_vae_final_gfd"].items():

@@ -8,9 +8,13 @@ foundation encoder and its metrics need pretrained feature networks. For ``built
 * :mod:`.evalnet`: the evaluation CNN in Inception's role (gFD, rFD, class accuracy of samples).
 * :mod:`.perceptual`: LPIPS's formula on that CNN's feature maps.
 * :mod:`.text`: a small T5 encoder trained on the built-in captions (``standin:t5-shapes``), for text-to-image.
+* :mod:`.judge`: the miniature GenEval's detector (Mask2Former's and the colour classifier's role) and
+  :mod:`.scene_clip`: the scene CLIP (CLIP score's role), both trained on ``builtin:scenes`` renders; the
+  metrics that use them (GenEval's rules, CLIP score) live in :mod:`aligntok.eval`.
 * :mod:`.recipe`: the training both networks share; :mod:`.cache`: where trained recipes live.
 
-Everything public is re-exported here (``from aligntok.standins import ensure_eval_network``).
+Everything public of the image stand-ins is re-exported here (the text, judge and scene-CLIP modules
+are imported by name, so importing this package stays light): ``from aligntok.standins import ensure_eval_network``.
 """
 
 from aligntok.standins.cache import (
