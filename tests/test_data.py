@@ -454,6 +454,24 @@ def test_standard_difficulty_draws_the_scenes_of_earlier_versions():
         assert scene.main.radius == pytest.approx(radius, abs=1e-6)
 
 
+def test_centered_difficulty_is_a_subset_of_easy_with_the_same_later_draws():
+    centered = DIFFICULTIES["centered"]
+    scenes = [make_scene(0, i, difficulty="centered") for i in range(200)]
+    assert {s.main.texture for s in scenes} == {"solid"} and {s.background for s in scenes} == {"plain"}
+    assert all(s.distractor is None for s in scenes)
+    lo, hi = centered.radius
+    assert all(lo <= s.main.radius <= hi for s in scenes) and lo >= DIFFICULTIES["easy"].radius[0]
+    offsets = np.array([s.main.center for s in scenes]) - 0.5
+    assert np.abs(offsets).max() <= centered.center_jitter and np.abs(offsets).std() > 0.01
+    # the shape fits inside the image, as in every preset
+    assert all(min(c) - s.main.radius >= 0 and max(c) + s.main.radius <= 1 for s in scenes for c in [s.main.center])
+    # Pose and colour come from the same draws as in "easy": only the preset's own factors differ.
+    easy = make_scene(0, 5, difficulty="easy")
+    assert scenes[5].main.rotation == easy.main.rotation and scenes[5].main.colour_name == easy.main.colour_name
+    assert all(" on a plain " in s.caption and "small" not in s.caption for s in scenes)
+    assert shapes_difficulty("builtin:shapes-centered") == "centered"
+
+
 def test_easy_difficulty_and_its_data_spec():
     easy = DIFFICULTIES["easy"]
     scenes = [make_scene(0, i, difficulty="easy") for i in range(200)]
