@@ -10,11 +10,8 @@ import pytest
 from aligntok import standins
 from aligntok.cli import main
 from aligntok.config import ConfigError
-from aligntok.experiments.reproduce_t2i import (
-    TASKS,
-    load_t2i_reproduce_config,
-    summarize,
-)
+from aligntok.eval.geneval import TASKS
+from aligntok.experiments.reproduce_t2i import load_t2i_reproduce_config, summarize
 from aligntok.models.text import build_tiny_text_encoders
 from aligntok.models.word_tokenizer import caption_words
 from aligntok.standins.text import builtin_captions

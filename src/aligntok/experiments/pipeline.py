@@ -118,6 +118,19 @@ class Progress:
         return child
 
 
+def claim_folder(directory: Path, kind: str, cfg: Any) -> None:
+    """Record ``cfg`` in ``directory/KIND.yaml``; refuse (ConfigError) a folder holding another config's
+    results: they would be read back as this one's."""
+    record = directory / f"{kind}.yaml"
+    if record.is_file():
+        if config_to_dict(load_config(type(cfg), record)) != config_to_dict(cfg):
+            raise ConfigError(f"{directory} holds results of another {kind} config ({record}); "
+                              "use a new output folder, or delete that one")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, record)
+
+
 def heldout_set(cfg: EvaluationConfig, resolution: int, difficulty: str = "standard"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out builtin:shapes images (uint8 NCHW) and labels every experiment is measured on."""
@@ -216,16 +229,7 @@ class Experiment:
         return train_tokenizer(cfg, self.dir / "tokenizer", stages=stages)
 
     def _claim_folder(self) -> None:
-        """Record the config in experiment.yaml; refuse a folder holding another config's results (they
-        would be read back as this one's)."""
-        record = self.dir / "experiment.yaml"
-        if record.is_file():
-            if config_to_dict(load_config(ExperimentConfig, record)) != config_to_dict(self.cfg):
-                raise ConfigError(f"{self.dir} holds results of another experiment config ({record}); "
-                                  "use a new output folder, or delete that one")
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, record)
+        claim_folder(self.dir, "experiment", self.cfg)
 
     def tokenizer_dir(self, stage: int | None = None) -> Path:
         """The tokenizer after ``stage`` (default: the final stage)."""

@@ -47,7 +47,6 @@ from aligntok.config import (
     check_choice,
     config_to_dict,
     load_config,
-    save_config,
 )
 from aligntok.diffusion.t2i_training import T2ITrainConfig
 from aligntok.experiments.demo import preset_path
@@ -58,7 +57,12 @@ from aligntok.experiments.demo_t2i import (
     mean_clip_score,
 )
 from aligntok.experiments.demo_t2i import preset_path as t2i_preset_path
-from aligntok.experiments.pipeline import Progress, compute_once, write_json
+from aligntok.experiments.pipeline import (
+    Progress,
+    claim_folder,
+    compute_once,
+    write_json,
+)
 from aligntok.experiments.reproduce import (
     mean_std,
     seeded_tokenizer,
@@ -72,7 +76,6 @@ __all__ = ["PRESETS", "T2IEvalConfig", "T2IReproduceConfig", "load_t2i_reproduce
 
 #: ``--preset`` names: presets/reproduce_NAME.yaml over the demo's tokenizer and demo-t2i's T2I, judge and CLIP.
 PRESETS = ("t2i-minimal", "t2i-quick", "t2i-full")
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 CURVE_METRICS = ("geneval_overall", "gfd_guided", "gfd_unguided", "clip_score")
 
 
@@ -253,15 +256,6 @@ class _Runner:
         return result
 
 
-def _claim(out: Path, rcfg: T2IReproduceConfig) -> None:
-    """Record the config; refuse a folder holding another config's results (they would be read back as this one's)."""
-    record = out / "reproduce.yaml"
-    if record.is_file() and config_to_dict(load_config(T2IReproduceConfig, record)) != config_to_dict(rcfg):
-        raise ConfigError(f"{out} holds results of another reproduce config ({record}); use a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(rcfg, record)
-
-
 def run_reproduce_t2i(out_dir: str | Path, *, preset: str = "t2i-quick", overrides: Sequence[str] = (),
                       progress: bool = True) -> Path:
     """Run the text-to-image reproduction into ``out_dir``; returns its report.html."""
@@ -269,7 +263,7 @@ def run_reproduce_t2i(out_dir: str | Path, *, preset: str = "t2i-quick", overrid
 
     rcfg = load_t2i_reproduce_config(preset, overrides)
     out = Path(out_dir)
-    _claim(out, rcfg)
+    claim_folder(out, "reproduce", rcfg)
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
     shared = compute_once(out / "results" / "ceilings.json", runner.ceilings)
