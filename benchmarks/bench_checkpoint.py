@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
+from aligntok.config import OptimConfig, TrainConfig
 from aligntok.losses.reconstruction import ReconLossConfig, ReconstructionLoss
 from aligntok.losses.semantic import SemanticLossConfig, SemanticPreservationLoss
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
-from aligntok.config import OptimConfig, TrainConfig
 from aligntok.training.stages import STAGES, TokenizerStageTask
 from aligntok.training.trainer import Trainer
 
