@@ -17,6 +17,10 @@ diffusers unchanged. :class:`T2ITransformer` owns what diffusers does not:
   (FLUX's ``_prepare_latent_image_ids``). Any grid, square or not, works.
 * **Text mask.** Padding tokens are masked out of the joint attention (``mask_padding``) through
   ``joint_attention_kwargs["attention_mask"]``, the only way diffusers takes one.
+* **Attention kernels.** SDPA may use flash, memory-efficient or math kernels, never cuDNN's: on an H200
+  (torch 2.11, cuDNN 9) FLUX-2B's training step (head dim 128, batch 32) failed in the cuDNN attention
+  backward (``mha_graph.execute(...).is_good()``, then illegal memory accesses), masked or not, and ran with
+  cuDNN excluded. A known PyTorch defect (pytorch/pytorch#122695, #134001).
 
 ``forward(x (B, C, H, W), t (B,), text (B, L, D), text_mask (B, L) bool, pooled (B, P)) -> v (B, C, H, W)``.
 """
@@ -31,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aligntok.config import ConfigError, config_from_dict, config_to_dict
 from aligntok.io import read_json_document, write_directory_atomically
@@ -38,6 +43,8 @@ from aligntok.io import read_json_document, write_directory_atomically
 FORMAT_NAME = "aligntok-t2i"
 INFO_FILE = "aligntok_t2i.json"
 TRANSFORMER_DIR = "transformer"  # diffusers' own layout: FluxTransformer2DModel.from_pretrained reads it
+# Every SDPA kernel but cuDNN's (see the module doc), in PyTorch's own order of preference.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 #: name -> (double-stream blocks, single-stream blocks, heads, head dim, RoPE axes dims, note).
 T2I_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, int, int], str]] = {
@@ -212,16 +219,17 @@ class T2ITransformer(nn.Module):
             image = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=x.device)
             # diffusers' joint attention orders the sequence [text; image]; True = attend.
             kwargs = {"attention_mask": torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]}
-        out = self.transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=text.to(tokens.dtype),
-            pooled_projections=pooled.to(tokens.dtype),
-            timestep=(1.0 - t).to(tokens.dtype),  # sigma: diffusers' time runs the other way
-            img_ids=image_ids(h // p, w // p, x.device),
-            txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
-            joint_attention_kwargs=kwargs,
-            return_dict=False,
-        )[0]
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = self.transformer(
+                hidden_states=tokens,
+                encoder_hidden_states=text.to(tokens.dtype),
+                pooled_projections=pooled.to(tokens.dtype),
+                timestep=(1.0 - t).to(tokens.dtype),  # sigma: diffusers' time runs the other way
+                img_ids=image_ids(h // p, w // p, x.device),
+                txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
+                joint_attention_kwargs=kwargs,
+                return_dict=False,
+            )[0]
         return -unpack_latents(out, p, h, w)  # diffusers predicts noise - data; aligntok data - noise
 
     # -----------------------------------------------------------------------------------------
