@@ -130,6 +130,9 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.html").read_text()
     assert all(name in report for name in ("AlignTok", "VA-VAE", "VAE", "w_sp", "± "))
+    # Another config in the same folder is refused before anything runs, not mixed in.
+    with pytest.raises(ConfigError, match="another reproduce config"):
+        run_reproduce(out, preset="minimal", overrides=["experiment.eval.eval_network=tiny", "seeds=[1,2]"], progress=False)
 
 
 def test_presets_load_and_validate():

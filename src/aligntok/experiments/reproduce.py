@@ -28,13 +28,14 @@ from typing import Any
 
 import yaml
 
-from aligntok.config import ConfigError, check_choice, load_config, save_config
+from aligntok.config import ConfigError, check_choice, load_config
 from aligntok.experiments.demo import PRESETS as EXPERIMENT_PRESETS
 from aligntok.experiments.demo import preset_path
 from aligntok.experiments.pipeline import (
     Experiment,
     ExperimentConfig,
     Progress,
+    claim_folder,
     ensure_standins,
     heldout_set,
     write_json,
@@ -42,7 +43,7 @@ from aligntok.experiments.pipeline import (
 from aligntok.experiments.reproduce_report import write_reproduce_report
 from aligntok.training.stages import METHOD_STAGES, TokenizerTrainConfig
 
-__all__ = ["ReproduceConfig", "load_reproduce_config", "run_reproduce", "PRESETS"]
+__all__ = ["PRESETS", "ReproduceConfig", "load_reproduce_config", "run_reproduce"]
 
 #: ``--preset`` names: presets/reproduce_NAME.yaml, merged over the demo's experiment.
 PRESETS = ("quick", "full", "minimal")
@@ -210,8 +211,7 @@ def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequ
 
     rcfg = load_reproduce_config(preset, overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(rcfg, out / "reproduce.yaml")
+    claim_folder(out, "reproduce", rcfg)
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
     ensure_standins(rcfg.experiment, steps)
