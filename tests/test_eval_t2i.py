@@ -1,4 +1,5 @@
-"""evaluate t2i: CLIP score and PickScore with a tiny random CLIP built here, FID with a random Inception."""
+"""evaluate t2i: CLIP score and PickScore with a tiny random CLIP built here, HPSv2 with a tiny OpenCLIP, FID with a
+random Inception."""
 
 from __future__ import annotations
 
@@ -134,3 +135,75 @@ def test_nothing_to_measure_is_a_one_line_error(tmp_path, capsys):
     samples = _sample_folder(tmp_path / "samples", _images(1))
     assert main(["evaluate", "t2i", "--samples", str(samples), "--out", str(tmp_path / "x.json")]) == 2
     assert "nothing to measure" in capsys.readouterr().err
+
+
+TINY_OPENCLIP = "aligntok-test-tiny-openclip"
+
+
+@pytest.fixture
+def hpsv2_checkpoints(tmp_path) -> tuple[Path, Path]:
+    """Two tiny OpenCLIP checkpoints: HPSv2's own format ({"state_dict": ...}) and a bare state dict."""
+    import open_clip
+
+    config = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16, "head_width": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    wider = {**config, "vision_cfg": {**config["vision_cfg"], "width": 24}, "text_cfg": {**config["text_cfg"], "width": 24}}
+    for name, cfg in ((TINY_OPENCLIP, config), (f"{TINY_OPENCLIP}-wider", wider)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(tmp_path / f"{name}.json")  # adds a name; changes no existing entry
+    paths = []
+    for seed, wrap in ((0, True), (1, False)):
+        torch.manual_seed(seed)
+        state = open_clip.create_model(TINY_OPENCLIP).state_dict()
+        paths.append(tmp_path / f"hps{seed}.pt")
+        torch.save({"state_dict": state} if wrap else state, paths[-1])
+    return paths[0], paths[1]
+
+
+def _direct_hps(checkpoint: Path, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """HPSv2's score: the diagonal of image_features @ text_features.T from the CLIP's forward (unit features)."""
+    import open_clip
+
+    model, _, transform = open_clip.create_model_and_transforms(TINY_OPENCLIP, output_dict=True)
+    state = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(state.get("state_dict", state))
+    pixels = torch.stack([transform(Image.fromarray(image)) for image in images])
+    with torch.no_grad():
+        out = model.eval()(pixels, open_clip.get_tokenizer(TINY_OPENCLIP)(prompts))
+    return torch.diagonal(out["image_features"] @ out["text_features"].T).double().numpy()
+
+
+def test_hpsv2_is_the_cosine_of_the_checkpoints_clip_features(hpsv2_checkpoints, tmp_path):
+    images = _images(4)
+    samples = _sample_folder(tmp_path / "samples", images)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    scores = []
+    for checkpoint in hpsv2_checkpoints:
+        out = tmp_path / f"{checkpoint.stem}.json"
+        assert main(["evaluate", "t2i", "--samples", str(samples), "--prompts", str(tmp_path / "prompts.txt"),
+                     "--hpsv2", str(checkpoint), "--hpsv2-arch", TINY_OPENCLIP, "--batch-size", "3", "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["hpsv2"] == pytest.approx(_direct_hps(checkpoint, images, PROMPTS).mean(), abs=1e-5)
+        assert result["provenance"]["feature_networks"][0]["name"] == f"HPSv2 (OpenCLIP {TINY_OPENCLIP})"
+        scores.append(result["hpsv2"])
+    assert scores[0] != pytest.approx(scores[1], abs=1e-4)  # the weights are read, not a fresh random model
+
+
+def test_hpsv2_errors_are_one_line(hpsv2_checkpoints, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def not_cached(**kwargs):  # what hf_hub_download raises offline for a file missing from the cache
+        raise LocalEntryNotFoundError(f"{kwargs['filename']} is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_cached)
+    samples = _sample_folder(tmp_path / "samples", _images(1))
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    base = ["evaluate", "t2i", "--samples", str(samples), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "x.json")]
+    # a checkpoint of another architecture; a hub file that is not in the cache (offline); a hub id without a file
+    for args, message in (([hpsv2_checkpoints[0]], "cannot load HPSv2 checkpoint"),
+                          (["nobody-here/none:HPS_v2.1_compressed.pt"], "neither a local file nor downloadable"),
+                          (["xswu/HPSv2"], "ORG/NAME:PATH")):
+        assert main([*base, "--hpsv2", str(args[0]), "--hpsv2-arch", f"{TINY_OPENCLIP}-wider"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

@@ -12,7 +12,8 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
     from aligntok.eval.t2i import evaluate_t2i
 
     out = args.out or default_output_path(args.samples, "t2i")
-    result = evaluate_t2i(args.samples, args.prompts, clip=args.clip, pickscore=args.pickscore, ref=args.ref,
+    result = evaluate_t2i(args.samples, args.prompts, clip=args.clip, pickscore=args.pickscore, hpsv2=args.hpsv2,
+                          hpsv2_arch=args.hpsv2_arch, ref=args.ref,
                           inception_weights=args.inception_weights, allow_download=not args.offline,
                           batch_size=args.batch_size)
     publish_result("t2i", result, out)
@@ -28,7 +29,7 @@ def _evaluate_geneval_summary(args: argparse.Namespace) -> None:
 
 def add_t2i_evaluate_parsers(kinds: argparse._SubParsersAction, common: Callable, offline_option: Callable) -> None:
     """The ``t2i`` and ``geneval-summary`` kinds of `aligntok evaluate` (``common`` adds --out and --batch-size)."""
-    p = kinds.add_parser("t2i", help="CLIP score, PickScore and FID of text-to-image samples against their prompts")
+    p = kinds.add_parser("t2i", help="CLIP score, PickScore, HPSv2 and FID of text-to-image samples against their prompts")
     p.add_argument("--samples", required=True, type=Path,
                    help="sample-t2i output folder (00000.png ..., sampling.json) or a GenEval-layout folder")
     p.add_argument("--prompts", type=Path,
@@ -38,6 +39,9 @@ def add_t2i_evaluate_parsers(kinds: argparse._SubParsersAction, common: Callable
     p.add_argument("--clip", help="CLIPModel directory or hub id for the CLIP score (e.g. openai/clip-vit-large-patch14)")
     p.add_argument("--pickscore", help="PickScore CLIPModel directory or hub id (yuvalkirstain/PickScore_v1 with "
                                        "the CLIP-H processor files beside it)")
+    p.add_argument("--hpsv2", help="HPSv2 checkpoint: a file or ORG/NAME:FILE on the hub (xswu/HPSv2:HPS_v2.1_compressed.pt); "
+                                   "needs open_clip (pip install 'aligntok[t2i-scorers]')")
+    p.add_argument("--hpsv2-arch", default="ViT-H-14", help="OpenCLIP architecture of the HPSv2 checkpoint (default: %(default)s)")
     p.add_argument("--inception-weights", type=Path, help="Inception file for FID (default: torch-fidelity's cache)")
     common(p, 32)
     offline_option(p)

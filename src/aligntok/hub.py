@@ -1,7 +1,8 @@
 """The Hugging Face Hub: finding saved models by hub id (offline from the cache), model cards, uploads.
 
 * :func:`resolve_directory` turns ``ORG/NAME`` or ``ORG/NAME:SUBFOLDER`` into a local directory through
-  huggingface_hub's snapshot download, which with ``HF_HUB_OFFLINE=1`` reads the local cache only.
+  huggingface_hub's snapshot download, which with ``HF_HUB_OFFLINE=1`` reads the local cache only;
+  :func:`resolve_file` does the same for one file, ``ORG/NAME:PATH``.
 * :func:`model_card` writes a README.md whose YAML front matter is what the Hub reads (library_name,
   license, tags, datasets, base_model, model-index metrics), through huggingface_hub's ``ModelCardData``.
 * :func:`upload_directory` creates the repository (if needed) and uploads a folder in one commit.
@@ -58,6 +59,31 @@ def resolve_directory(name: str, *, what: str, error: type[Exception] = FileNotF
     if not directory.is_dir():
         raise error(f"hub repository '{repo_id}' has no folder '{subfolder}'")
     return directory
+
+
+def resolve_file(name: str, *, what: str, error: type[Exception] = FileNotFoundError) -> Path:
+    """A local file as is; ``ORG/NAME:PATH`` (a file in a hub repository) through huggingface_hub (or its cache).
+
+    Raises ``error`` with a one-line message naming ``what`` when neither works (offline: the cache only).
+    """
+    from aligntok.models.encoders import looks_like_local_path
+
+    local = Path(name).expanduser()
+    if local.is_file():
+        return local
+    repo_id, filename = split_hub_source(name)
+    if looks_like_local_path(repo_id) or filename is None:
+        raise error(f"{what} '{name}' is not a file (a hub file is named ORG/NAME:PATH)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except (OSError, ValueError, EntryNotFoundError):  # a missing file is no OSError in huggingface_hub 1.x
+        raise error(
+            f"{what} '{name}' is neither a local file nor downloadable (offline?): on a machine with internet run "
+            f"`hf download {repo_id} {filename}` and copy the Hugging Face cache here, or pass a local file"
+        ) from None
 
 
 def model_card(

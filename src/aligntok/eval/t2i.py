@@ -1,4 +1,4 @@
-"""Text-to-image metrics: CLIP score, PickScore, and FID against reference images, with provenance.
+"""Text-to-image metrics: CLIP score, PickScore, HPSv2, and FID against reference images, with provenance.
 
 ``evaluate_t2i(samples, prompts, clip=..., ref=...)`` is what ``aligntok evaluate t2i`` runs. Samples are
 read as ``sample-t2i`` writes them (``00000.png ...`` in prompt order, ``grid.png`` ignored, prompts
@@ -17,8 +17,13 @@ from ``--prompts`` or the folder's ``sampling.json``) or in GenEval's folder lay
   the caption file and its sha256, how many captions and images, the image sizes, and the rule that the
   reference must hold the captions' real images already center-cropped to the generation size.
 
-HPSv2 and ImageReward have their own packages and weights (``hpsv2``, ``image-reward``); aligntok does
-not wrap them: run them on the same sample folder.
+* **HPSv2** (Wu et al., 2023; weights ``xswu/HPSv2:HPS_v2.1_compressed.pt`` or ``HPS_v2_compressed.pt``): an
+  OpenCLIP ViT-H/14 fine-tuned on human preferences, loaded through ``open_clip`` (``pip install
+  'aligntok[t2i-scorers]'``); a pair scores the cosine of its unit image and text embeddings, as the
+  ``hpsv2`` package's ``score`` (its own package pins pytest 7.2 and protobuf<4, so it is not a dependency).
+
+ImageReward is not wrapped: its package pins timm 0.6.13 and fairscale (open_clip needs timm >= 1.0.17), and
+its BLIP checkpoint has no loader in transformers. Run it in its own environment on the same sample folder.
 """
 
 from __future__ import annotations
@@ -94,6 +99,51 @@ class CLIPScorer:
                 "image_size": int(self.model.config.vision_config.image_size)}
 
 
+HPSV2_ARCH = "ViT-H-14"  #: the OpenCLIP architecture HPSv2 and v2.1 fine-tune
+
+
+class HPSv2Scorer:
+    """HPSv2: an OpenCLIP model (``arch``) with the weights of an HPSv2 checkpoint file, its tokenizer and its
+    evaluation transform (resize, center crop, CLIP normalisation). :meth:`embed` as :class:`CLIPScorer`'s.
+
+    ``source``: a checkpoint file (HPSv2's ``{"state_dict": ...}`` or a bare state dict) or ``ORG/NAME:FILE`` on
+    the hub. Raises ValueError (one line) without open_clip or when the checkpoint does not fit ``arch``.
+    """
+
+    def __init__(self, source: str | os.PathLike, device: torch.device | str = "cpu", arch: str = HPSV2_ARCH) -> None:
+        from aligntok.hub import resolve_file
+
+        try:
+            import open_clip
+        except ImportError:
+            raise ValueError("HPSv2 needs open_clip: pip install 'aligntok[t2i-scorers]'") from None
+        self.source, self.arch, self.device = str(source), arch, torch.device(device)
+        self.path = resolve_file(self.source, what="HPSv2 checkpoint", error=FileNotFoundError)
+        try:
+            self.model, _, self.transform = open_clip.create_model_and_transforms(arch, pretrained=str(self.path),
+                                                                                  device=self.device)
+        except (RuntimeError, AssertionError, KeyError) as e:  # open_clip's shape checks are asserts
+            raise ValueError(f"cannot load HPSv2 checkpoint {self.path} into OpenCLIP {arch}: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm (image, text) embeddings, each (N, D), of uint8 (N, H, W, 3) images and N prompts."""
+        from PIL import Image
+
+        pixels = torch.stack([self.transform(Image.fromarray(image)) for image in images]).to(self.device)
+        image_embeds = self.model.encode_image(pixels, normalize=True)
+        text_embeds = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
+        return image_embeds.float().cpu(), text_embeds.float().cpu()
+
+    def describe(self) -> dict[str, Any]:
+        from aligntok.eval.provenance import sha256_file
+
+        return {"name": f"HPSv2 (OpenCLIP {self.arch})", "source": self.source, "weights_sha256": sha256_file(self.path)}
+
+
 def read_t2i_samples(samples: str | os.PathLike, prompts: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
     """(image files, their prompts) of a sample folder; see the module doc for the layouts read.
 
@@ -139,8 +189,8 @@ def _load_batch(files: Sequence[Path]) -> np.ndarray:
     return np.stack(images)
 
 
-def score_pairs(scorer: CLIPScorer, files: Sequence[Path], prompts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Per-pair cosine similarity of unit-norm CLIP embeddings, (N,) float64."""
+def score_pairs(scorer: CLIPScorer | HPSv2Scorer, files: Sequence[Path], prompts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Per-pair cosine similarity of the scorer's unit-norm embeddings, (N,) float64."""
     out = []
     for start in range(0, len(files), batch_size):
         images, texts = scorer.embed(_load_batch(files[start : start + batch_size]), prompts[start : start + batch_size])
@@ -154,6 +204,8 @@ def evaluate_t2i(
     *,
     clip: str | os.PathLike | None = None,
     pickscore: str | os.PathLike | None = None,
+    hpsv2: str | os.PathLike | None = None,
+    hpsv2_arch: str = HPSV2_ARCH,
     ref: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
     allow_download: bool = True,
@@ -161,16 +213,17 @@ def evaluate_t2i(
     device: torch.device | str | None = None,
     inception=None,
 ) -> dict[str, Any]:
-    """CLIP score, PickScore and FID of a text-to-image sample folder (each only when its model/reference is given).
+    """CLIP score, PickScore, HPSv2 and FID of a text-to-image sample folder (each only when its model/reference is given).
 
     Returns a JSON-ready dict: ``clip_score`` (mean of the per-pair scores) and ``clip_score_std``,
-    ``pickscore`` (mean), ``fid`` and the other ``evaluate gen`` numbers under ``generation``,
+    ``pickscore`` (mean), ``hpsv2`` (mean), ``fid`` and the other ``evaluate gen`` numbers under ``generation``,
     ``num_images``, ``num_prompts`` and ``provenance``. Raises ValueError when nothing is asked for.
     """
     from aligntok.eval.provenance import build_provenance, sha256_file
 
-    if clip is None and pickscore is None and ref is None:
-        raise ValueError("nothing to measure: give a CLIP model (--clip), a PickScore model (--pickscore) or --ref")
+    if clip is None and pickscore is None and hpsv2 is None and ref is None:
+        raise ValueError("nothing to measure: give a CLIP model (--clip), a PickScore model (--pickscore), "
+                         "an HPSv2 checkpoint (--hpsv2) or --ref")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files, texts = read_t2i_samples(samples, prompts)
     result: dict[str, Any] = {"num_images": len(files), "num_prompts": len(set(texts))}
@@ -184,6 +237,10 @@ def evaluate_t2i(
         scorer = CLIPScorer(pickscore, device)
         result["pickscore"] = float((scorer.logit_scale * score_pairs(scorer, files, texts, batch_size)).mean())
         networks.append({**scorer.describe(), "role": "pickscore: logit_scale * cos, mean over pairs"})
+    if hpsv2 is not None:
+        scorer = HPSv2Scorer(hpsv2, device, arch=hpsv2_arch)
+        result["hpsv2"] = float(score_pairs(scorer, files, texts, batch_size).mean())
+        networks.append({**scorer.describe(), "role": "hpsv2: cos of unit OpenCLIP embeddings, mean over pairs"})
     fid_protocol = None
     if ref is not None:
         from aligntok.eval.generation import evaluate_generation
@@ -211,7 +268,7 @@ def evaluate_t2i(
         feature_networks=networks, device=device,
         settings={"samples": str(samples), "captions": caption_file or f"{samples}/{SETTINGS_FILE} or GenEval metadata",
                   "fid_protocol": fid_protocol, "batch_size": batch_size,
-                  "not_computed": "HPSv2 and ImageReward (use their own packages on the same folder)"},
+                  "not_computed": "ImageReward (use its own package on the same folder)"},
     )
     return result
 
@@ -222,4 +279,5 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     return [f"t2i: {result['num_images']} images, {result['num_prompts']} distinct prompts",
-            f"  CLIP score {number('clip_score', 3)}  PickScore {number('pickscore', 3)}  FID {number('fid', 4)}"]
+            f"  CLIP score {number('clip_score', 3)}  PickScore {number('pickscore', 3)}  "
+            + f"HPSv2 {number('hpsv2', 4)}  FID {number('fid', 4)}"]
