@@ -37,7 +37,9 @@ from aligntok.eval import (
     save_npz,
     save_png_folder,
 )
-from aligntok.eval.commands import evaluate_tokenizer_probe, select_images, write_result
+from aligntok.eval.commands import evaluate_tokenizer_probe
+from aligntok.eval.results import write_result
+from aligntok.eval.selection import select_images
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
 
 RESOLUTION = 32  # LPIPS' AlexNet trunk needs at least ~32 px

@@ -33,7 +33,8 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 def _evaluate_recon(args: argparse.Namespace) -> None:
-    from aligntok.eval.commands import default_output_path, evaluate_reconstruction
+    from aligntok.eval.commands import evaluate_reconstruction
+    from aligntok.eval.results import default_output_path
 
     out = args.out or default_output_path(args.tokenizer, "recon")  # checked before the long run
     result = evaluate_reconstruction(
@@ -47,7 +48,7 @@ def _evaluate_recon(args: argparse.Namespace) -> None:
 
 def _evaluate_gen(args: argparse.Namespace) -> None:
     from aligntok.eval import evaluate_generation
-    from aligntok.eval.commands import default_output_path
+    from aligntok.eval.results import default_output_path
 
     out = args.out or default_output_path(args.samples, "gen")
     result = evaluate_generation(
@@ -59,7 +60,8 @@ def _evaluate_gen(args: argparse.Namespace) -> None:
 
 
 def _evaluate_probe(args: argparse.Namespace) -> None:
-    from aligntok.eval.commands import default_output_path, evaluate_tokenizer_probe
+    from aligntok.eval.commands import evaluate_tokenizer_probe
+    from aligntok.eval.results import default_output_path
 
     out = args.out or default_output_path(args.tokenizer, "probe")
     result = evaluate_tokenizer_probe(
@@ -94,7 +96,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _publish(kind: str, result: dict, out: Path) -> None:
-    from aligntok.eval.commands import publish_result
+    from aligntok.eval.results import publish_result
 
     publish_result(kind, result, out)
 

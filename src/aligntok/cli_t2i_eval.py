@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
-    from aligntok.eval.commands import default_output_path, publish_result
+    from aligntok.eval.results import default_output_path, publish_result
     from aligntok.eval.t2i import evaluate_t2i
 
     out = args.out or default_output_path(args.samples, "t2i")
@@ -20,8 +20,8 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 
 
 def _evaluate_geneval_summary(args: argparse.Namespace) -> None:
-    from aligntok.eval.commands import default_output_path, publish_result
     from aligntok.eval.geneval import evaluate_geneval_summary
+    from aligntok.eval.results import default_output_path, publish_result
 
     out = args.out or default_output_path(args.results, "geneval")
     publish_result("geneval", evaluate_geneval_summary(args.results), out)

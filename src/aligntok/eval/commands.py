@@ -9,42 +9,39 @@
   them by CKNNA with the features of one fixed, pretrained reference encoder (DINOv2-L/14 by default),
   the same for every tokenizer, as the paper measures AlignTok and its baselines.
 * ``aligntok evaluate gen`` calls :func:`aligntok.eval.evaluate_generation` directly.
-* :func:`write_result` / :func:`summarize` / :func:`default_output_path`: the JSON file (strict JSON,
-  written atomically by rank 0) and the short human summary every command prints.
 
-Which images are evaluated (:func:`select_images`): all of the dataset, or with ``num`` a seeded
-random subset of a map-style dataset (an image folder's first N files would be its first classes),
-read in dataset order. Unreadable images are not replaced by their neighbours (that would count an
-image twice): they are skipped, counted and listed. WebDataset shards are read one epoch per reader
-(one reader per rank and DataLoader worker); with ``num`` below the dataset size each reader
-contributes its share, so that subset depends on the number of processes and workers.
+Which images are evaluated, and each rank's share: :mod:`aligntok.eval.selection`. The JSON file and the
+summary every command prints: :mod:`aligntok.eval.results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from aligntok.data import ShardDataset, build_dataset, collate_samples
-from aligntok.data.loader import epoch_permutation
+from aligntok.data import ShardDataset, build_dataset
 from aligntok.eval.features import FeatureNetwork, load_inception
 from aligntok.eval.probe import average_pool, cknna, evaluate_probe
 from aligntok.eval.provenance import build_provenance, sha256_file
 from aligntok.eval.recon import LPIPS_NETS, PSNR_MAX_DB, LPIPSMetric, ReconMetrics
-from aligntok.io import write_text_atomically
+from aligntok.eval.selection import (
+    KEY_FIELD,
+    MAX_LISTED_SKIPPED,
+    ImageSelection,
+    check_every_rank_has_images,
+    gather_skipped,
+    readable_mask,
+    select_images,
+    selection_loader,
+)
 from aligntok.models.tokenizer import WEIGHTS_NAME, AlignTokTokenizer
 from aligntok.progress import progress_bar
 from aligntok.training.distributed import (
@@ -59,170 +56,6 @@ log = logging.getLogger(__name__)
 #: The ImageNet reconstruction protocol: 50,000 validation images at 256 px.
 IMAGENET_RECON_IMAGES = 50_000
 IMAGENET_RECON_RESOLUTION = 256
-#: Skipped-image messages kept in a result (the count is always exact).
-MAX_LISTED_SKIPPED = 100
-#: Marker keys added to every sample read for evaluation.
-_KEY, _BAD = "eval_key", "eval_bad_input"
-
-
-# ---------------------------------------------------------------------------------------------
-# Which images an evaluation reads
-# ---------------------------------------------------------------------------------------------
-
-
-def _mark(sample: dict, key: int) -> dict:
-    """A sample with its selection key and, when it replaces an unreadable image, that image's name."""
-    return {**sample, _KEY: key, _BAD: sample["skipped"][0] if sample["skipped"] else ""}
-
-
-class _SelectedImages(Dataset):
-    """The images of a map-style dataset at ``positions`` (the key of each is its position)."""
-
-    def __init__(self, dataset: Dataset, positions: Sequence[int]) -> None:
-        self.dataset = dataset
-        self.positions = list(positions)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, item: int) -> dict:
-        position = self.positions[item]
-        return _mark(self.dataset[position], position)
-
-
-class _SelectedShardSamples(IterableDataset):
-    """This rank's share of one epoch of shards: reader i yields its first ``quotas[i]`` samples.
-
-    Readers are numbered ``rank * workers + worker`` out of ``world_size * workers``, as in
-    :func:`aligntok.data.build_loader`; a sample's key is ``reader * stride + position``.
-    """
-
-    def __init__(self, dataset: ShardDataset, quotas: Sequence[int], *, rank: int, workers: int, stride: int) -> None:
-        self.dataset = dataset
-        self.quotas = list(quotas)
-        self.rank = rank
-        self.workers = workers
-        self.stride = stride
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.workers:
-            raise ValueError(f"shard selection made for {self.workers} workers is read by {workers}")
-        reader = self.rank * workers + worker
-        stream = self.dataset.reader_stream(reader, len(self.quotas), self.dataset.seed)
-        for position, sample in enumerate(islice(stream, self.quotas[reader])):
-            yield _mark(sample, reader * self.stride + position)
-
-
-@dataclasses.dataclass
-class ImageSelection:
-    """The images an evaluation reads: over all ranks, and this rank's share as a dataset."""
-
-    dataset: Dataset  #: this rank's images as sample dicts (a map-style subset or a shard stream)
-    keys: list[int]  #: the key of every selected image, all ranks (positions; for shards reader*stride+i)
-    per_rank: list[int]  #: selected images on each rank
-    available: int  #: images in the whole dataset
-    order: str  #: how the images were chosen, for the provenance
-
-    @property
-    def num_selected(self) -> int:
-        return len(self.keys)
-
-
-def _proportional_split(total: int, weights: Sequence[int]) -> list[int]:
-    """Integers summing to ``total`` in proportion to ``weights`` (largest remainders), each <= its weight."""
-    whole = sum(weights)
-    shares = [total * w // whole for w in weights]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
-    for i in by_remainder[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
-
-
-def select_images(
-    dataset: Dataset, num: int | None, *, rank: int, world_size: int, seed: int = 0, num_workers: int = 0
-) -> ImageSelection:
-    """Choose ``num`` images (all when None) of ``dataset`` and this rank's disjoint share of them."""
-    if num is not None and num < 1:
-        raise ValueError(f"--num must be positive, got {num}")
-    if isinstance(dataset, ShardDataset):
-        workers = max(1, num_workers)
-        readers = world_size * workers
-        lengths = [dataset.reader_epoch_length(reader, readers) for reader in range(readers)]
-        available = sum(lengths)
-        wanted = _check_count(num, available, dataset.source)
-        quotas = _proportional_split(wanted, lengths)
-        stride = max(lengths)
-        keys = [reader * stride + i for reader, quota in enumerate(quotas) for i in range(quota)]
-        order = f"one epoch of the shard stream (seed {dataset.seed}) over {readers} readers"
-        if wanted < available:
-            order += ", each reader's first images in proportion to its share (depends on processes and workers)"
-        return ImageSelection(
-            dataset=_SelectedShardSamples(dataset, quotas, rank=rank, workers=workers, stride=stride),
-            keys=keys,
-            per_rank=[sum(quotas[r * workers : (r + 1) * workers]) for r in range(world_size)],
-            available=available,
-            order=order,
-        )
-    available = len(dataset)
-    wanted = _check_count(num, available, getattr(dataset, "source", type(dataset).__name__))
-    if wanted < available:
-        positions = sorted(epoch_permutation(available, seed, 0)[:wanted].tolist())
-        order = f"seeded random subset (seed {seed}) of {available} images, read in dataset order"
-    else:
-        positions = list(range(available))
-        order = "all images, in dataset order"
-    return ImageSelection(
-        dataset=_SelectedImages(dataset, positions[rank::world_size]),
-        keys=positions,
-        per_rank=[len(positions[r::world_size]) for r in range(world_size)],
-        available=available,
-        order=order,
-    )
-
-
-def _check_count(num: int | None, available: int, source: str) -> int:
-    if available == 0:
-        raise ValueError(f"{source}: the dataset holds no images")
-    if num is not None and num > available:
-        raise ValueError(f"--num {num} is more than the {available} images of {source}")
-    return available if num is None else num
-
-
-def _batches(selection: ImageSelection, batch_size: int, num_workers: int) -> DataLoader:
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
-    return DataLoader(
-        selection.dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_samples,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def _good(batch: dict) -> tuple[torch.Tensor, list[str]]:
-    """(mask of the samples that are themselves readable images, names of the unreadable ones)."""
-    bad = batch[_BAD]
-    return torch.tensor([not name for name in bad], dtype=torch.bool), [name for name in bad if name]
-
-
-def _gather_skipped(skipped: list[str]) -> list[str]:
-    """Every rank's skipped-image messages, on every rank."""
-    parts = gather_objects(skipped)
-    return broadcast_object([m for part in parts for m in part] if parts is not None else None)
-
-
-def _check_every_rank_has_images(selection: ImageSelection, source: str) -> None:
-    empty = [rank for rank, count in enumerate(selection.per_rank) if count == 0]
-    if empty:
-        raise ValueError(
-            f"{selection.num_selected} images of {source} cannot be split over {len(selection.per_rank)} "
-            f"processes (rank {empty[0]} would get none): use more images or fewer processes"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +144,7 @@ def evaluate_reconstruction(
     selection = select_images(dataset, num, rank=dist.rank, world_size=dist.world_size, seed=seed,
                               num_workers=num_workers)
     if rfid:
-        _check_every_rank_has_images(selection, data)  # rFID statistics are combined from every rank
+        check_every_rank_has_images(selection, data)  # rFID statistics are combined from every rank
     # Feature networks first: a missing weights file should fail before any image is read.
     lpips = None
     if lpips_net is not None:
@@ -328,8 +161,8 @@ def evaluate_reconstruction(
     bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc="recon",
                        unit="img")
     with bar, torch.inference_mode():
-        for batch in _batches(selection, batch_size, num_workers):
-            good, bad = _good(batch)
+        for batch in selection_loader(selection, batch_size, num_workers):
+            good, bad = readable_mask(batch)
             skipped += bad
             if good.any():
                 x = batch["image"][good].to(device, non_blocking=True)
@@ -338,7 +171,7 @@ def evaluate_reconstruction(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = metrics.compute()
-    skipped = _gather_skipped(skipped)
+    skipped = gather_skipped(skipped)
     for message in skipped[:MAX_LISTED_SKIPPED]:
         log.warning("skipped unreadable image %s", message)
 
@@ -421,15 +254,15 @@ def _pooled_features(
     bar = progress_bar(total=selection.per_rank[dist.rank], disable=not (progress and dist.is_main), desc=desc,
                        unit="img")
     with bar, torch.inference_mode():
-        for batch in _batches(selection, batch_size, num_workers):
-            good, bad = _good(batch)
+        for batch in selection_loader(selection, batch_size, num_workers):
+            good, bad = readable_mask(batch)
             skipped += bad
             bar.update(len(good))
             if not good.any():
                 continue
             x = batch["image"][good].to(device, non_blocking=True)
             latent = model.encode(x)
-            batch_keys = batch[_KEY][good]
+            batch_keys = batch[KEY_FIELD][good]
             keys.append(batch_keys)
             latents.append(average_pool(latent).float().cpu())
             labels.append(batch["label"][good])
@@ -654,111 +487,3 @@ def _probe_on_main(
     if cknna_note is not None:
         result["notes"] = [f"cknna {cknna_note}"]
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-
-def default_output_path(source: str | os.PathLike, kind: str) -> Path:
-    """``SOURCE.eval-KIND.json`` beside a local file or directory (e.g. ``runs/x/stage3.eval-recon.json``)."""
-    path = Path(source)
-    if not path.exists():
-        raise ValueError(f"{source} is not a local file or directory: pass --out FILE.json")
-    name = path.stem if path.is_file() else path.resolve().name
-    return path.resolve().parent / f"{name}.eval-{kind}.json"
-
-
-def _strict_json(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become null (JSON has no inf/nan), numpy scalars Python ones."""
-    if isinstance(value, Mapping):
-        return {str(key): _strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``result`` as strict JSON, atomically (a reader never sees half a file).
-
-    Non-finite numbers (e.g. an FID of singular statistics) are written as null and listed under
-    ``non_finite`` with their value.
-    """
-    path = Path(path)
-    document = dict(result)
-    non_finite = {
-        key: str(value) for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)
-    }
-    if non_finite:
-        document["non_finite"] = non_finite
-    return write_text_atomically(path, json.dumps(_strict_json(document), indent=2, allow_nan=False) + "\n")
-
-
-def _number(value: Any, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def summarize(kind: str, result: Mapping[str, Any]) -> str:
-    """A few human-readable lines for ``kind`` in recon, gen, probe, t2i, geneval."""
-    if kind == "recon":
-        lines = [
-            f"recon: {result['num_images']} images ({result['num_skipped']} skipped"
-            + (f", {result['num_exact_images']} reconstructed exactly, PSNR capped at {PSNR_MAX_DB:g} dB"
-               if result.get("num_exact_images") else "") + ")",
-            (
-                f"  PSNR {_number(result['psnr'], 3)} dB  SSIM {_number(result['ssim'], 4)}  "
-                f"LPIPS {_number(result['lpips'], 4)}  rFID {_number(result['rfid'], 4)}"
-            ),
-        ]
-    elif kind == "gen":
-        lines = [
-            f"gen: {result['num_samples']} samples vs {result['num_reference_images'] or 'precomputed'} references",
-            (
-                f"  FID {_number(result['fid'], 4)}  IS {_number(result['inception_score'], 3)}  "
-                f"precision {_number(result['precision'], 4)}  recall {_number(result['recall'], 4)}  "
-                f"FD_DINOv2 {_number(result.get('fd_dinov2'), 4)}"
-            ),
-        ]
-    elif kind == "probe":
-        lines = [
-            (
-                f"probe: {result['num_images']} train images, {result['num_classes']} classes "
-                f"({result['num_skipped']} skipped)"
-            ),
-            (
-                f"  linear probe {_number(100 * result['linear_probe_accuracy'], 2)}% "
-                f"(chance {_number(100 * result['chance_accuracy'], 2)}%)  CKNNA {_number(result['cknna'], 4)}"
-            ),
-        ]
-    elif kind == "t2i":
-        from aligntok.eval.t2i import summary_lines
-
-        lines = summary_lines(dict(result))
-    elif kind == "geneval":
-        from aligntok.eval.geneval import summary_lines as geneval_lines
-
-        lines = geneval_lines(dict(result))
-    else:
-        raise ValueError(f"unknown evaluation kind {kind!r}")
-    lines += [f"  note: {note}" for note in result.get("notes", [])]
-    lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
-    return "\n".join(lines)
-
-
-def publish_result(kind: str, result: Mapping[str, Any], out: str | os.PathLike) -> None:
-    """What every `aligntok evaluate KIND` ends with: rank 0 writes the JSON and prints the summary; then
-    the process group (if any) ends."""
-    from aligntok.training.distributed import destroy_distributed, is_main
-
-    if is_main():
-        write_result(result, out)
-        print(summarize(kind, result))
-        print(f"wrote {out}")
-    destroy_distributed()
