@@ -8,7 +8,7 @@ fairscale import its ``models/rmsnorm.py`` never uses is stubbed), imported from
 ``--reference-repo``; it is never vendored here. It runs as shipped, i.e. with its ``@torch.compile``
 decorators (set ``TORCHDYNAMO_DISABLE=1`` to time it eager). Both models get the same config, weights
 and inputs. One training step is forward + our transport loss + backward + AdamW: ours with the
-optimizer our trainer builds (:func:`aligntok.training.trainer.make_adamw`, fused where supported), the
+optimizer our trainer builds (:func:`aligntok.training.optim.make_adamw`, fused where supported), the
 reference with the plain ``torch.optim.AdamW`` of its ``train.py``. Steps alternate ours / reference in
 one process (the machine may be shared), ``--repeats`` rounds; medians and the ratio reference / ours
 (above 1: we are faster) are printed. ``--compile`` adds a copy of ours with its blocks compiled
@@ -41,7 +41,7 @@ from aligntok.models.lightningdit import (
     LightningDiT,
     LightningDiTConfig,
 )
-from aligntok.training.trainer import make_adamw
+from aligntok.training.optim import make_adamw
 
 
 def _stub_fairscale() -> None:

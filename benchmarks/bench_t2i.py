@@ -87,9 +87,9 @@ def main() -> None:
     model = T2ITransformer(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
     if args.fsdp:
-        from aligntok.training.trainer import _fsdp_shard
+        from aligntok.training.distributed import fsdp_shard
 
-        _fsdp_shard(model)
+        fsdp_shard(model)
     if args.attention_backend and hasattr(model.transformer, "set_attention_backend"):
         model.transformer.set_attention_backend(args.attention_backend)
     if args.compile and hasattr(model.transformer, "compile_repeated_blocks"):

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from aligntok.config import OptimConfig
 from aligntok.diffusion import SamplerConfig
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
-from aligntok.training.trainer import make_adamw
+from aligntok.training.optim import make_adamw
 
 HERE = Path(__file__).resolve().parent
 

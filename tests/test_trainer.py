@@ -21,13 +21,8 @@ from torch import nn
 from aligntok.config import ConfigError, OptimConfig, TrainConfig
 from aligntok.training.distributed import DistInfo
 from aligntok.training.ema import ModuleEMA, warmup_decay
-from aligntok.training.trainer import (
-    Trainer,
-    TrainingAborted,
-    lr_factor,
-    make_adamw,
-    split_batch,
-)
+from aligntok.training.optim import lr_factor, make_adamw
+from aligntok.training.trainer import Trainer, TrainingAborted, split_batch
 
 FEATURES = 4
 

@@ -4,7 +4,7 @@ Both networks learn every factor of a ``builtin:shapes`` scene, not only the cla
 label), texture, background kind, the main shape's colour and its size. A class-only network would
 throw away colour and texture, which a real DINOv2 keeps; the extra targets also speed up learning the
 class (measured on the evaluation CNN: 38% vs 26% held-out accuracy after 600 steps). The loop is AdamW,
-warm-up then cosine decay, gradient clipping at 1 (``training.trainer.lr_factor``); the images are
+warm-up then cosine decay, gradient clipping at 1 (``training.optim.lr_factor``); the images are
 rendered once into memory (rendering costs about as much as a step) and revisited with flips.
 """
 
@@ -150,7 +150,7 @@ def train_loop(
     stand-in trains in one process as the others wait on the cache lock (and needs no resume).
     """
     from aligntok.progress import progress_bar
-    from aligntok.training.trainer import lr_factor
+    from aligntok.training.optim import lr_factor
 
     start = time.perf_counter()
     data = ShapesInMemory.render(settings.data_seed, settings.data_size, settings.resolution, settings.difficulty)

@@ -64,7 +64,7 @@ def _train(settings: StandinTextSettings, staging: Path) -> dict[str, Any]:
     from transformers import T5Config, T5EncoderModel
 
     from aligntok.models.word_tokenizer import caption_words, word_level_tokenizer
-    from aligntok.training.trainer import lr_factor
+    from aligntok.training.optim import lr_factor
 
     started = time.perf_counter()
     captions = builtin_captions(settings.data_size, settings.data_seed)

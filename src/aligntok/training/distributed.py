@@ -201,3 +201,17 @@ def all_reduce_gradients(params: list[nn.Parameter], has_grad_anywhere: list[boo
         flat.div_(world_size)
         for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
             grad.copy_(synced)
+
+
+def fsdp_shard(module: nn.Module) -> None:
+    """FSDP2 on the blocks of every outermost ModuleList (transformer blocks), then on the module."""
+    from torch.distributed.fsdp import fully_shard
+
+    taken: list[str] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and not any(name.startswith(t + ".") for t in taken):
+            taken.append(name)
+            for block in child:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(module)

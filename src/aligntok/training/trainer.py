@@ -37,11 +37,12 @@ from aligntok.training.logging import (
     require_backends,
     truncate_log,
 )
+from aligntok.training.optim import lr_factor, make_adamw
 
 LossOutput = Mapping[str, tuple[Tensor, Mapping[str, "Tensor | float"]]]
 LoaderFactory = Callable[[int], Iterator[dict]]
 
-__all__ = ["SKIPPED_KEY", "FitResult", "Task", "Trainer", "TrainingAborted", "lr_factor", "split_batch"]
+__all__ = ["SKIPPED_KEY", "FitResult", "Task", "Trainer", "TrainingAborted", "split_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +87,6 @@ class FitResult:
     nonfinite_steps: int  #: steps skipped for a non-finite loss or gradient, over the whole run
     skipped_images: int  #: input files the data layer reported as skipped, over the whole run
     checkpoint: Path | None  #: the newest complete checkpoint
-
-
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of the peak lr for the ``step``-th optimizer step (0-based).
-
-    Linear warm-up reaching the peak at the end of ``warmup_steps``, then constant, cosine or linear
-    decay to ``min_lr_ratio`` at ``total_steps``.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    if cfg.schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:  # linear
-        decay = 1.0 - progress
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
 def split_batch(batch: dict, parts: int, expected_size: int | None = None) -> list[dict]:
@@ -182,31 +165,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> 
     optimizer.load_state_dict({**state, "state": sharded})
 
 
-def make_adamw(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW of ``cfg``; the fused kernel (one pass per parameter instead of ~10) where torch has one
-    for every parameter's device (CPU, CUDA) and the parameters are plain tensors (not FSDP's DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fusable or None
-    )
-
-
-def _fsdp_shard(module: nn.Module) -> None:
-    """FSDP2 on the blocks of every outermost ModuleList (transformer blocks), then on the module."""
-    from torch.distributed.fsdp import fully_shard
-
-    taken: list[str] = []
-    for name, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and not any(name.startswith(t + ".") for t in taken):
-            taken.append(name)
-            for block in child:
-                if any(True for _ in block.parameters()):
-                    fully_shard(block)
-    fully_shard(module)
-
-
 @dataclasses.dataclass
 class _StepOutcome:
     skipped_reason: str | None
@@ -277,9 +235,9 @@ class Trainer:
         if self.fsdp:
             for name, module in self.modules.items():
                 if any(p.requires_grad for p in module.parameters()):
-                    _fsdp_shard(module)
+                    distributed.fsdp_shard(module)
                     if name in self.emas:
-                        _fsdp_shard(self.emas[name].module)
+                        distributed.fsdp_shard(self.emas[name].module)
 
         # Parameters are read after sharding: FSDP2 replaces them with DTensor parameters.
         self.params = self._checked_param_groups(task.optimizers())
