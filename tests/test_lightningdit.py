@@ -17,8 +17,8 @@ from aligntok.models.lightningdit import (
     LIGHTNINGDIT_PRESETS,
     LightningDiT,
     LightningDiTConfig,
-    import_lightningdit_checkpoint,
 )
+from aligntok.models.lightningdit_import import import_lightningdit_checkpoint
 
 # Two tiny configs that together exercise every option of the reference.
 MODERN = {

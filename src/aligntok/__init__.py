@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "import_vavae_checkpoint": "aligntok.models.vavae_import",
     "LightningDiT": "aligntok.models.lightningdit",
     "LightningDiTConfig": "aligntok.models.lightningdit",
-    "import_lightningdit_checkpoint": "aligntok.models.lightningdit",
+    "import_lightningdit_checkpoint": "aligntok.models.lightningdit_import",
     "DiTTrainConfig": "aligntok.diffusion.training",
     "train_dit": "aligntok.diffusion.training",
     "SamplerConfig": "aligntok.diffusion.samplers",

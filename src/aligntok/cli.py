@@ -276,7 +276,7 @@ def _sample_t2i(args: argparse.Namespace) -> None:
 
 
 def _import_lightningdit(args: argparse.Namespace) -> None:
-    from aligntok.models.lightningdit import import_lightningdit_checkpoint, preset_of
+    from aligntok.models.lightningdit_import import import_lightningdit_checkpoint, preset_of
 
     model = import_lightningdit_checkpoint(args.checkpoint, args.out, preset=args.preset)
     count = sum(p.numel() for p in model.parameters())
