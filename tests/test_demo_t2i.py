@@ -40,9 +40,9 @@ def test_minimal_demo_t2i_runs_end_to_end(tmp_path, capsys):
 def test_a_reused_tokenizer_keeps_its_latents_and_gets_its_decoder_fine_tuned(tmp_path):
     import torch
 
+    from aligntok.experiments.demo import load_experiment_config
     from aligntok.models.tokenizer import AlignTokTokenizer
     from aligntok.training.stages import train_tokenizer
-    from aligntok.experiments.demo import load_experiment_config
 
     build_tiny_text_encoders(tmp_path / "text", caption_words(builtin_captions(100)), width=16, layers=1, heads=2)
     demo_tokenizer = train_tokenizer(load_experiment_config(["demo", "minimal"]).tokenizer, tmp_path / "demo")[3]

@@ -297,3 +297,15 @@ def test_token_pixels_not_a_multiple_of_the_stride_is_a_config_error(setup, tmp_
     cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=1), "token_pixels=8"])
     with pytest.raises(ConfigError, match="does not divide token_pixels=8"):
         train_t2i(cfg, tmp_path / "bad")
+
+
+def test_a_model_refuses_a_tokenizer_of_another_stride(setup, tiny_run, tmp_path):
+    import shutil
+
+    from aligntok.diffusion.t2i_sampling import T2IGenerator
+
+    model_dir = shutil.copytree(tiny_run[1], tmp_path / "model")
+    info = json.loads((model_dir / "aligntok_t2i.json").read_text())
+    (model_dir / "aligntok_t2i.json").write_text(json.dumps({**info, "tokenizer_stride": 8}))
+    with pytest.raises(ValueError, match="trained on stride-8 latents"):
+        T2IGenerator.load(model_dir, setup / "tok")
