@@ -22,7 +22,9 @@ def test_minimal_demo_t2i_runs_end_to_end(tmp_path, capsys):
     for key in ("geneval_overall", "judge_ceiling", "tokenizer_ceiling", "clip_score", "wall_seconds"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert set(metrics["geneval_tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
-    assert (out / "tokenizer" / "stage3" / "config.json").is_file()  # trained with the minimal demo preset
+    # Trained with the minimal demo preset, whose stage 3 is replaced by the decoder fine-tune on scenes.
+    assert (out / "tokenizer" / "stage2" / "config.json").is_file() and not (out / "tokenizer" / "stage3").exists()
+    assert metrics["tokenizer"] == str(out / "tokenizer-finetune" / "stage3")
     rows = read_results(out / "geneval" / "results.jsonl")
     assert summarize_results(rows)["overall"] == metrics["geneval_overall"]
     assert (out / "geneval" / "00000" / "samples" / "0000.png").is_file()
@@ -33,3 +35,23 @@ def test_minimal_demo_t2i_runs_end_to_end(tmp_path, capsys):
     again = json.loads((out / "metrics.json").read_text())
     assert again["geneval_overall"] == metrics["geneval_overall"] and "FLUX-tiny training" in again["timings_seconds"]
     assert "stand-in judge training" not in again["timings_seconds"]
+
+
+def test_a_reused_tokenizer_keeps_its_latents_and_gets_its_decoder_fine_tuned(tmp_path):
+    import torch
+
+    from aligntok.experiments.demo import load_experiment_config
+    from aligntok.models.tokenizer import AlignTokTokenizer
+    from aligntok.training.stages import train_tokenizer
+
+    build_tiny_text_encoders(tmp_path / "text", caption_words(builtin_captions(100)), width=16, layers=1, heads=2)
+    demo_tokenizer = train_tokenizer(load_experiment_config(["demo", "minimal"]).tokenizer, tmp_path / "demo")[3]
+    out = tmp_path / "t2i"
+    assert main(["demo-t2i", "--out", str(out), "--preset", "minimal", f"tokenizer={demo_tokenizer}",
+                 f"t2i.text.encoder={tmp_path / 'text' / 't5'}"]) == 0
+    assert not (out / "tokenizer").exists()  # reused, not trained again
+    before, after = AlignTokTokenizer.from_pretrained(demo_tokenizer), AlignTokTokenizer.from_pretrained(
+        out / "tokenizer-finetune" / "stage3")
+    for part, same in (("encoder", True), ("adapter", True), ("decoder", False)):
+        a, b = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, part

@@ -191,3 +191,14 @@ def test_stage2_starts_with_stage1s_discriminator_and_its_adam_moments(run):
     fresh, none = build_recon_loss(cfg, run_dir, STAGES[2])
     assert none is None and fresh.config.gan_start == 2
     assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_stage3_can_start_from_a_saved_tokenizer_and_keeps_its_latents(run, tmp_path):
+    cfg, run_dir, _, weights = run
+    cfg.stage3.carry_discriminator = False
+    out = train_tokenizer(cfg, tmp_path / "again", stages=(3,), start_from=run_dir / "stage3")
+    again = _parts(AlignTokTokenizer.from_pretrained(out[3]))
+    assert not _changed(again["encoder"], weights[3]["encoder"]) and not _changed(again["adapter"], weights[3]["adapter"])
+    assert _changed(again["decoder"], weights[3]["decoder"])
+    with pytest.raises(ConfigError, match="starts from scratch"):
+        train_tokenizer(cfg, tmp_path / "first", stages=(1,), start_from=run_dir / "stage3")

@@ -276,3 +276,36 @@ def test_an_interrupted_sample_t2i_resumes_with_only_the_missing_batches(setup, 
         straight = np.asarray(Image.open(tmp_path / "straight" / f"{i:05d}.png"))
         assert np.array_equal(straight, np.asarray(Image.open(tmp_path / "resumed" / f"{i:05d}.png")))
     assert not (tmp_path / "resumed" / ".parts").exists()
+
+
+def test_token_pixels_sets_the_packing_and_sampling_follows_it(setup, tmp_path):
+    from aligntok.diffusion.t2i_sampling import T2IGenerator, T2ISampleConfig
+
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=2), "token_pixels=32", "validation.every=0"])
+    model_dir = train_t2i(cfg, tmp_path / "p2")
+    generator = T2IGenerator.load(model_dir, setup / "tok")
+    assert generator.model.config.pack == 2 and generator.model.config.token_channels == 32  # stride 16: 2x2 per token
+    images = generator.generate(["a red circle"], [0], T2ISampleConfig())
+    assert images.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        generator.latent_size(48, 48)  # a 3x3 latent cannot be packed 2x2
+
+
+def test_token_pixels_not_a_multiple_of_the_stride_is_a_config_error(setup, tmp_path):
+    from aligntok.config import ConfigError
+
+    cfg = load_config(T2ITrainConfig, TINY, [*_overrides(setup, steps=1), "token_pixels=8"])
+    with pytest.raises(ConfigError, match="does not divide token_pixels=8"):
+        train_t2i(cfg, tmp_path / "bad")
+
+
+def test_a_model_refuses_a_tokenizer_of_another_stride(setup, tiny_run, tmp_path):
+    import shutil
+
+    from aligntok.diffusion.t2i_sampling import T2IGenerator
+
+    model_dir = shutil.copytree(tiny_run[1], tmp_path / "model")
+    info = json.loads((model_dir / "aligntok_t2i.json").read_text())
+    (model_dir / "aligntok_t2i.json").write_text(json.dumps({**info, "tokenizer_stride": 8}))
+    with pytest.raises(ValueError, match="trained on stride-8 latents"):
+        T2IGenerator.load(model_dir, setup / "tok")

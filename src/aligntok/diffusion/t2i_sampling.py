@@ -99,9 +99,9 @@ class T2IGenerator:
 
     def __init__(self, model, tokenizer, text, mean: Sequence[float], std: Sequence[float], resolution: int) -> None:
         cfg = model.config
-        if tokenizer.latent_channels != cfg.in_channels or 16 // tokenizer.stride != cfg.pack:
-            raise ValueError(f"the tokenizer ({tokenizer.latent_channels} channels, stride {tokenizer.stride}) does "
-                             f"not fit the model ({cfg.in_channels} channels, pack {cfg.pack})")
+        if tokenizer.latent_channels != cfg.in_channels:
+            raise ValueError(f"the tokenizer's {tokenizer.latent_channels}-channel latents do not fit the model "
+                             f"({cfg.in_channels} channels)")
         self.model, self.tokenizer, self.text, self.resolution = model, tokenizer, text, resolution
         self.device = next(model.parameters()).device
         self.mean = torch.tensor(list(mean), device=self.device).view(1, -1, 1, 1)
@@ -117,6 +117,9 @@ class T2IGenerator:
         info = read_t2i_info(model_dir)
         model = T2ITransformer.from_pretrained(model_dir, device=device).eval()
         tok = LatentTokenizer.from_pretrained(tokenizer, map_location=device).eval()
+        if info.get("tokenizer_stride", tok.stride) != tok.stride:
+            raise ValueError(f"{model_dir} was trained on stride-{info['tokenizer_stride']} latents; the tokenizer "
+                             f"{tokenizer} has stride {tok.stride}")
         text = TextConditioner(text_config_of(info), progress=False).to(device)
         return cls(model, tok, text, info["latent_mean"], info["latent_std"], info["resolution"])
 

@@ -116,6 +116,10 @@ class T2ITrainConfig:
     data: T2IDataConfig = dataclasses.field(default_factory=T2IDataConfig)  #: images, captions, tokenizer
     transport: TransportConfig = dataclasses.field(default_factory=lambda: TransportConfig(cosine_weight=0.0))
     shift: float = 0.0  #: training time shift s (aligntok convention, s < 1 towards noise); 0 = FLUX's rule for the token count
+    #: Image pixels per transformer token side: latents are packed (token_pixels / stride)^2 per token. 16 is
+    #: FLUX's (f8 VAE packed 2x2) and the paper's (f16 AlignTok unpacked), so compared tokenizers cost the same;
+    #: 8 keeps an f8 latent unpacked (4x the tokens), as tiny 64-px demos need.
+    token_pixels: int = 16
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100, grad_clip=1.0))
     validation: T2IValidationConfig = dataclasses.field(default_factory=T2IValidationConfig)  #: grids during training
@@ -125,6 +129,8 @@ class T2ITrainConfig:
             raise ConfigError(f"preset={self.preset!r} is not one of {', '.join(T2I_PRESETS)}")
         if self.shift < 0:
             raise ConfigError(f"shift={self.shift} must be >= 0 (0 = resolution-dependent)")
+        if self.token_pixels <= 0:
+            raise ConfigError(f"token_pixels={self.token_pixels} must be positive")
 
     def model_config(self, *, in_channels: int, pack: int, text_dim: int, pooled_dim: int) -> T2IConfig:
         """The architecture: the preset's sizes (or the model section's) with the derived widths."""
@@ -288,9 +294,12 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
     tokenizer = LatentTokenizer.from_pretrained(cfg.data.tokenizer, map_location=dist.device)
     if cfg.data.resolution % tokenizer.stride:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the tokenizer stride {tokenizer.stride}")
-    if 16 % tokenizer.stride:
-        raise ConfigError(f"tokenizer stride {tokenizer.stride} does not divide 16 (packing makes 16-px tokens)")
-    pack = 16 // tokenizer.stride
+    if cfg.token_pixels % tokenizer.stride:
+        raise ConfigError(f"tokenizer stride {tokenizer.stride} does not divide token_pixels={cfg.token_pixels} "
+                          "(packing makes tokens of token_pixels px)")
+    pack = cfg.token_pixels // tokenizer.stride
+    if cfg.data.resolution % cfg.token_pixels:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of token_pixels={cfg.token_pixels}")
     text = TextConditioner(cfg.text).to(dist.device)
     if cfg.data.cache:
         dataset = stats_set = _caption_cache(cfg.data, tokenizer)
@@ -332,7 +341,7 @@ def train_t2i(cfg: T2ITrainConfig, run_dir: str | Path) -> Path:
         from aligntok.data.buckets import bucketed_loader_factory
 
         loader_factory = bucketed_loader_factory(
-            stats_set, cfg.data.train, cfg.data.resolution, cfg.data.buckets, 16, per_rank, rank=dist.rank,
+            stats_set, cfg.data.train, cfg.data.resolution, cfg.data.buckets, cfg.token_pixels, per_rank, rank=dist.rank,
             world_size=dist.world_size, seed=cfg.train.seed, hflip=cfg.data.hflip, num_workers=cfg.data.num_workers)
 
     started = time.perf_counter()

@@ -1,7 +1,8 @@
 """``aligntok demo-t2i``: text-to-image on AlignTok latents in miniature, offline, on a CPU.
 
 A tiny AlignTok tokenizer (``aligntok demo``'s when ``tokenizer`` names one that exists, else trained here
-with the demo's preset), the stand-in T5, FLUX-tiny trained on ``builtin:scenes``, then: samples for
+with the demo's preset) whose decoder is fine-tuned on ``builtin:scenes`` (AlignTok's stage 3 run again:
+the latents stay the demo tokenizer's), the stand-in T5, FLUX-tiny trained on ``builtin:scenes``, then: samples for
 fixed prompts, the miniature GenEval (:mod:`aligntok.eval.geneval_scenes`) judged by the stand-in detector
 (:mod:`aligntok.standins.judge`) with its ceiling on real renders and the tokenizer's ceiling on their
 reconstructions, and the scene CLIP's score (:mod:`aligntok.standins.scene_clip`). Writes ``report.html``,
@@ -30,15 +31,31 @@ PRESETS = ("demo", "minimal")
 
 
 @dataclasses.dataclass
+class DecoderFinetuneConfig:
+    """AlignTok's stage 3 (decoder-only refinement: the latents stay as they are) run on the T2I images, on top
+    of the reused tokenizer, so its decoder fits them. Runs in OUT/tokenizer-finetune; steps 0 = no fine-tune."""
+
+    data: str = "builtin:scenes"
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1.0e-3  #: cosine to 5% (the demo's stage 3)
+
+    def validate(self) -> None:
+        from aligntok.config import ConfigError
+
+        if self.steps < 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ConfigError("decoder_finetune needs steps >= 0, batch_size > 0 and lr > 0")
+
+
+@dataclasses.dataclass
 class DemoT2IConfig:
     """What `aligntok demo-t2i` runs (presets: aligntok/experiments/presets/t2i_*.yaml)."""
 
     tokenizer: str = "aligntok-demo/tokenizer/stage3"  #: reused when it exists; else trained with tokenizer_preset
     tokenizer_preset: str = "demo"  #: the `aligntok demo` preset whose tokenizer is trained when none is found
-    #: the images that tokenizer trains on. builtin:shapes gives `aligntok demo`'s very tokenizer. Measured: neither
-    #: it (judge on its reconstructions 0.06) nor one trained on builtin:scenes at that budget (0.0: it keeps the
-    #: backgrounds and drops the small objects) carries scenes through a 4x4 latent; see docs/t2i.md.
-    tokenizer_data: str = "builtin:shapes"
+    #: the images that tokenizer trains on; null = the preset's own, which gives `aligntok demo`'s very tokenizer
+    tokenizer_data: str | None = None
+    decoder_finetune: DecoderFinetuneConfig = dataclasses.field(default_factory=DecoderFinetuneConfig)
     t2i: T2ITrainConfig = dataclasses.field(default_factory=T2ITrainConfig)
     judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     clip: SceneCLIPConfig = dataclasses.field(default_factory=SceneCLIPConfig)
@@ -57,22 +74,42 @@ def preset_path(name: str) -> Path:
 
 
 def _tokenizer(cfg: DemoT2IConfig, out: Path, timings: dict[str, float]) -> Path:
-    """The demo's tokenizer when it exists, else one trained into OUT/tokenizer with the demo's preset."""
+    """The tokenizer the T2I model trains on: the demo's (reused when it exists, else trained into OUT/tokenizer
+    with the demo's preset) with its decoder fine-tuned on the T2I images (``cfg.decoder_finetune``).
+
+    Trained here with a fine-tune to follow, the preset's own stage 3 is skipped: the fine-tune is that stage.
+    """
     from aligntok.experiments.demo import load_experiment_config
     from aligntok.experiments.pipeline import Progress, ensure_standins
-    from aligntok.training.stages import stage_output_dir, train_tokenizer
+    from aligntok.training.stages import train_tokenizer
 
-    if (Path(cfg.tokenizer) / "config.json").is_file():
-        return Path(cfg.tokenizer)
+    finetune = cfg.decoder_finetune
     presets = ["demo"] if cfg.tokenizer_preset == "demo" else ["demo", cfg.tokenizer_preset]
     experiment = load_experiment_config(presets)
-    timings.update(ensure_standins(experiment, Progress("demo-t2i", enabled=False)))
-    started = time.perf_counter()
     tok_cfg = experiment.tokenizer
-    tok_cfg = dataclasses.replace(tok_cfg, data=dataclasses.replace(tok_cfg.data, train=cfg.tokenizer_data))
-    outputs = train_tokenizer(tok_cfg, out / "tokenizer")
-    timings["tokenizer (demo preset)"] = round(time.perf_counter() - started, 1)
-    return outputs.get(max(outputs), stage_output_dir(out / "tokenizer", max(outputs)))
+    base = Path(cfg.tokenizer)
+    if not (base / "config.json").is_file():
+        timings.update(ensure_standins(experiment, Progress("demo-t2i", enabled=False)))
+        started = time.perf_counter()
+        trained = tok_cfg if cfg.tokenizer_data is None else dataclasses.replace(
+            tok_cfg, data=dataclasses.replace(tok_cfg.data, train=cfg.tokenizer_data))
+        outputs = train_tokenizer(trained, out / "tokenizer", (1, 2) if finetune.steps else None)
+        timings["tokenizer (demo preset)"] = round(time.perf_counter() - started, 1)
+        base = outputs[max(outputs)]
+    if not finetune.steps:
+        return base
+    stage = tok_cfg.stage3
+    stage = dataclasses.replace(
+        stage, carry_discriminator=False,
+        train=dataclasses.replace(stage.train, steps=finetune.steps, batch_size=finetune.batch_size,
+                                  ckpt_every=max(finetune.steps, 1)),
+        optim=dataclasses.replace(stage.optim, lr=finetune.lr))
+    data = dataclasses.replace(tok_cfg.data, train=finetune.data, resolution=cfg.t2i.data.resolution, num_workers=0)
+    started = time.perf_counter()
+    outputs = train_tokenizer(dataclasses.replace(tok_cfg, stage3=stage, data=data), out / "tokenizer-finetune", (3,),
+                              start_from=base)
+    timings["tokenizer decoder fine-tune"] = round(time.perf_counter() - started, 1)
+    return outputs[3]
 
 
 def generate(generator, prompts: list[str], n: int, *, steps: int, cfg_scale: float, seed: int,

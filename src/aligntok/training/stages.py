@@ -295,11 +295,17 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> LatentTokenizer:
     return VAETokenizer.from_config(VAEConfig.like(cfg.model, trained_with=cfg.method))
 
 
-def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> LatentTokenizer:
-    """The tokenizer a stage starts from: a fresh one for a first stage, else the previous stage's output."""
+def build_stage_tokenizer(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage,
+                          start_from: Path | None = None) -> LatentTokenizer:
+    """The tokenizer a stage starts from: a fresh one for a first stage, else the previous stage's output,
+    or the tokenizer saved in ``start_from`` (e.g. stage 3 run again on other images, on top of a finished one)."""
     if stage.starts_from is None:
+        if start_from is not None:
+            raise ConfigError(f"stage {stage.number} ({stage.name}) starts from scratch, not from {start_from}")
         torch.manual_seed(cfg.stage(stage.number).train.seed)
         return build_tokenizer(cfg)
+    if start_from is not None:
+        return AlignTokTokenizer.from_pretrained(start_from)
     previous = cfg.stages[stage.starts_from]
     source = _require_stage_output(run_dir, previous.number, stage.number)
     tokenizer = AlignTokTokenizer.from_pretrained(source)
@@ -343,12 +349,14 @@ def stage_gan_start(cfg: TokenizerTrainConfig, stage: Stage, carried: bool) -> i
     return max(0, cfg.loss.gan_start - trained_before)
 
 
-def build_recon_loss(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage) -> tuple[ReconstructionLoss, Path | None]:
+def build_recon_loss(cfg: TokenizerTrainConfig, run_dir: Path, stage: Stage,
+                     carry: bool = True) -> tuple[ReconstructionLoss, Path | None]:
     """The stage's L_rec with its discriminator: carried over from the previous stage's last checkpoint
-    (returned, so its optimizer state can follow) or fresh, and the stage's own ``gan_start``."""
+    (returned, so its optimizer state can follow) or fresh (always when ``carry`` is False), and the
+    stage's own ``gan_start``."""
     from aligntok.training.checkpoint import load_tensors, require_file
 
-    carried = carried_discriminator_checkpoint(cfg, run_dir, stage)
+    carried = carried_discriminator_checkpoint(cfg, run_dir, stage) if carry else None
     loss_cfg = dataclasses.replace(cfg.loss, gan_start=stage_gan_start(cfg, stage, carried is not None))
     loss = ReconstructionLoss(loss_cfg)
     if carried is not None:
@@ -389,10 +397,12 @@ def _stages_to_run(cfg: TokenizerTrainConfig, requested: tuple[int, ...] | None)
 
 
 def train_tokenizer(
-    cfg: TokenizerTrainConfig, run_dir: str | Path, stages: tuple[int, ...] | None = None
+    cfg: TokenizerTrainConfig, run_dir: str | Path, stages: tuple[int, ...] | None = None,
+    *, start_from: str | Path | None = None,
 ) -> dict[int, Path]:
     """Run the given stages of the config's method in order (None: all of them); each leaves a loadable
-    tokenizer in ``run_dir/stageN``.
+    tokenizer in ``run_dir/stageN``. ``start_from``: a saved tokenizer the first of them starts from instead
+    of ``run_dir``'s previous stage (its discriminator is then fresh); a first stage cannot take one.
 
     Naming a stage the method lacks (a baseline has only stage 1) is an error. A stage whose output already exists is skipped, and an interrupted stage
     resumes from its latest checkpoint, so re-running the same command continues where it stopped.
@@ -417,10 +427,11 @@ def train_tokenizer(
             outputs[number] = out
             continue
         started = time.perf_counter()
-        tokenizer = build_stage_tokenizer(cfg, run_dir, stage).to(dist.device)
+        start = Path(start_from) if start_from is not None and number == numbers[0] else None
+        tokenizer = build_stage_tokenizer(cfg, run_dir, stage, start).to(dist.device)
         semantic = build_semantic_loss(cfg, run_dir).to(dist.device) if stage.semantic_loss else None
         vf = build_vf_loss(cfg, stage).to(dist.device) if stage.vf_loss else None
-        recon_loss, carried = build_recon_loss(cfg, run_dir, stage)
+        recon_loss, carried = build_recon_loss(cfg, run_dir, stage, carry=start is None)
         task = TokenizerStageTask(
             tokenizer, stage, recon_loss.to(dist.device), semantic, kl=cfg.kl if stage.kl_loss else None, vf=vf
         )
