@@ -23,7 +23,8 @@ from ``--prompts`` or the folder's ``sampling.json``) or in GenEval's folder lay
   ``hpsv2`` package's ``score`` (its own package pins pytest 7.2 and protobuf<4, so it is not a dependency).
 
 ImageReward is not wrapped: its package pins timm 0.6.13 and fairscale (open_clip needs timm >= 1.0.17), and
-its BLIP checkpoint has no loader in transformers. Run it in its own environment on the same sample folder.
+its checkpoint (BLIP in the original BLIP code's layout, plus a score head) has no loader in transformers. Run it
+in its own environment on the same sample folder.
 """
 
 from __future__ import annotations
