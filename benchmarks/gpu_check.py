@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import subprocess
@@ -35,6 +36,7 @@ from aligntok.training.optim import make_adamw
 HERE = Path(__file__).resolve().parent
 
 
+@functools.cache  # one module object per benchmark file, however many rows use it
 def _bench_module(name: str):
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
