@@ -99,8 +99,8 @@ def _tokenizer(cfg: DemoT2IConfig, out: Path, timings: dict[str, float]) -> Path
     if not finetune.steps:
         return base
     stage = tok_cfg.stage3
-    stage = dataclasses.replace(
-        stage, carry_discriminator=False,
+    stage = dataclasses.replace(  # start_from gives the stage a fresh discriminator itself
+        stage,
         train=dataclasses.replace(stage.train, steps=finetune.steps, batch_size=finetune.batch_size,
                                   ckpt_every=max(finetune.steps, 1)),
         optim=dataclasses.replace(stage.optim, lr=finetune.lr))
