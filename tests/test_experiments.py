@@ -140,9 +140,11 @@ def test_presets_load_and_validate():
     from aligntok.standins.cache import shipped_directory
 
     demo = load_experiment_config(["demo"])
-    assert demo.tokenizer.model.encoder == "standin:dinov2-shapes-p8" and demo.tokenizer.method == "aligntok"
+    assert demo.tokenizer.model.encoder == "standin:dinov2-centered-p8" and demo.tokenizer.method == "aligntok"
     # A first run trains no stand-in: both are shipped. The latent is 8x8, as the DiT expects.
-    assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-shapes-p8"]) is not None
+    assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-centered-p8"]) is not None
+    # The encoder was trained on the demo's own data, as DINOv2 on natural images.
+    assert STANDIN_ENCODERS["dinov2-centered-p8"].difficulty == demo.difficulty
     assert shipped_directory("eval", EVAL_NETWORKS[demo.eval.eval_network]) is not None
     assert demo.difficulty == "centered" and demo.tokenizer.model.decoder.stride == 8
     # Its evaluation network was trained on a superset of the demo's scenes (centered is a subset of easy).

@@ -84,6 +84,8 @@ def test_t2i_presets_load_and_validate():
         assert set(cfg.methods) == METHODS and cfg.tokenizer.data.train == "builtin:scenes"
         assert cfg.tokenizer.flux_vae.latent_channels == 16 and cfg.tokenizer.flux_vae.stride == 8
         assert cfg.t2i.train.ckpt_every < cfg.t2i.train.steps  # curves have several points
+        # docs/reproduction-t2i's encoder, whatever the demo's tokenizer (merged under it) uses.
+        assert cfg.tokenizer.model.encoder == "standin:dinov2-shapes-p8"
     with pytest.raises(ConfigError, match="held-out seed"):
         load_t2i_reproduce_config("t2i-minimal", ["seeds=[0,777]"])
     with pytest.raises(ConfigError, match="builtin:scenes"):

@@ -22,6 +22,11 @@ from aligntok.standins.cache import SHIPPED_DIR, read_standin_info, recipe_key
 #: sha256 of every shipped file (path relative to aligntok/standins/shipped). Rebuild with
 #: `python -m aligntok.standins.build` after a recipe change, and update these with the new files.
 PINNED_SHA256: dict[str, str] = {
+    "encoder-3fe4c0b0c87ab3df/README.md": "19f60dc93417c45562d4974ecb974d4e1eee85eb9eeee7b16d40b527f6dbd1e1",
+    "encoder-3fe4c0b0c87ab3df/config.json": "a84d66cd952ad7d125c98d72ed0acc5e12c14c4084fc22f883a260aac0233b64",
+    "encoder-3fe4c0b0c87ab3df/model.safetensors": "56b5a330b5576c331a1ddc0d6126b7baed601af72b6f6e6a7956eee16ca54942",
+    "encoder-3fe4c0b0c87ab3df/preprocessor_config.json": "69c3dd105ee3b469b7f104bc4a34849e1dacc5633ff7cef628b7769d3d9e5693",
+    "encoder-3fe4c0b0c87ab3df/standin.json": "7f90a676762fc84e2d1d3b59d26f88dc21e61544a312e818abb250f037285b7a",
     "encoder-9a06c8f86f0fda0f/README.md": "19f60dc93417c45562d4974ecb974d4e1eee85eb9eeee7b16d40b527f6dbd1e1",
     "encoder-9a06c8f86f0fda0f/config.json": "a84d66cd952ad7d125c98d72ed0acc5e12c14c4084fc22f883a260aac0233b64",
     "encoder-9a06c8f86f0fda0f/model.safetensors": "d3c99361e038a0cfdf87684f35c0c9cda4a2bef1e760260b5906d9cca88c7293",
@@ -56,7 +61,8 @@ def test_every_shipped_recipe_is_shipped_under_its_current_key():
         assert read_standin_info(directory)["key"] == directory.name.split("-", 1)[1]
 
 
-def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["dinov2-shapes-p8", "dinov2-centered-p8"])
+def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks(name, tmp_path, monkeypatch):
     from transformers import Dinov2Model
 
     from aligntok.models.encoders import load_encoder
@@ -64,7 +70,7 @@ def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks
 
     monkeypatch.setenv(standins.CACHE_ENV, str(tmp_path / "cache"))
     runs = dict(standins.TRAINING_RUNS)
-    encoder_dir = standins.ensure_standin_encoder("dinov2-shapes-p8", progress=False)
+    encoder_dir = standins.ensure_standin_encoder(name, progress=False)
     eval_dir = standins.ensure_eval_network("shapes-easy", progress=False)
     assert standins.TRAINING_RUNS == runs and not (tmp_path / "cache").exists()
     assert encoder_dir.parent == SHIPPED_DIR and eval_dir.parent == SHIPPED_DIR
@@ -72,8 +78,7 @@ def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks
     # The stand-in is a transformers DINOv2 directory: the loader of any DINOv2 checkpoint reads it.
     assert isinstance(Dinov2Model.from_pretrained(encoder_dir), Dinov2Model)
     encoder = load_encoder(str(encoder_dir), stride=8).eval()
-    spec = build_foundation_encoder(TokenizerConfig(encoder="standin:dinov2-shapes-p8",
-                                                    decoder=_stride8_decoder())).eval()
+    spec = build_foundation_encoder(TokenizerConfig(encoder=f"standin:{name}", decoder=_stride8_decoder())).eval()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         tokens = encoder(images)
@@ -87,6 +92,14 @@ def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks
     assert read_standin_info(eval_dir)["heldout_class_accuracy"] >= 0.95
     held_out, labels = render_shapes(200, 64, seed=4242, difficulty="easy")
     assert standins.builtin_class_accuracy(held_out, labels, network=network) >= 0.9
+
+
+def test_the_demos_encoder_is_semantic_on_the_demos_data():
+    # What the method starts from: a linear probe on the pooled tokens reads the class, a random init's does not.
+    directory = standins.ensure_standin_encoder("dinov2-centered-p8", progress=False)
+    assert read_standin_info(directory)["heldout_class_accuracy"] >= 0.8
+    probe = standins.probe_standin_encoder(directory, num_train=600, num_test=400, difficulty="centered")
+    assert probe["standin"]["accuracy"] >= 0.5 and probe["random_init"]["accuracy"] <= 0.3
 
 
 def _stride8_decoder():

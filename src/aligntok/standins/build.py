@@ -23,6 +23,7 @@ from aligntok.standins.evalnet import ensure_eval_network
 #: What the package ships: name -> (kind, preset name in STANDIN_ENCODERS or EVAL_NETWORKS).
 SHIPPED: dict[str, tuple[str, str]] = {
     "dinov2-shapes-p8": ("encoder", "dinov2-shapes-p8"),
+    "dinov2-centered-p8": ("encoder", "dinov2-centered-p8"),
     "shapes-easy": ("eval", "shapes-easy"),
 }
 BUILD_THREADS = 1
