@@ -385,3 +385,21 @@ def test_discriminator_config_errors():
         DiscriminatorConfig(norm="layer").validate()
     with pytest.raises(ConfigError, match="norm_groups=32 does not divide base_channels=8"):
         DiscriminatorConfig(base_channels=8).validate()
+
+
+def test_loading_an_encoder_logs_no_warnings(tmp_path):
+    # Expected unused weights and transformers' tensor-parallel check (a plan-less model's every layer
+    # "not sharded") are noise to a user loading an encoder; real problems raise instead (below).
+    import logging
+
+    path, _ = _save_encoder(tmp_path, "dinov2")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    library_logger.addHandler(handler)
+    try:
+        load_encoder(str(path))
+    finally:
+        library_logger.removeHandler(handler)
+    assert [r.getMessage()[:80] for r in records] == []

@@ -269,10 +269,13 @@ def load_encoder(name_or_dir: str, *, kind: str = "auto", stride: int = 16) -> F
     for key, value in spec.load_overrides:
         setattr(config, key, value)
     # transformers logs a long table of the checkpoint's unused weights (a SigLIP2 text tower, MAE's
-    # decoder), which are expected here; missing weights are checked below instead.
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(logging.ERROR)
+    # decoder), which are expected here; missing weights are checked below instead. With that logger quiet,
+    # transformers 5.x runs its tensor-parallel plan check (`logger.level >= WARNING`), which then lists every
+    # layer of a model without a plan as "not sharded": quiet too.
+    report_loggers = [logging.getLogger(f"transformers.{n}") for n in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in report_loggers]
+    for logger in report_loggers:
+        logger.setLevel(logging.ERROR)
     try:
         model, info = spec.model_class.from_pretrained(
             name, config=config, dtype=torch.float32, output_loading_info=True
@@ -284,7 +287,8 @@ def load_encoder(name_or_dir: str, *, kind: str = "auto", stride: int = 16) -> F
             f"encoder '{name}' does not load as a {spec.model_class.__name__}: {str(e).splitlines()[0]}"
         ) from None
     finally:
-        report_logger.setLevel(level)
+        for logger, level in zip(report_loggers, levels, strict=True):
+            logger.setLevel(level)
     missing = sorted(k for k in info["missing_keys"] if "mask_token" not in k)  # the mask token is dropped anyway
     if missing:
         raise ValueError(
