@@ -159,6 +159,8 @@ def test_presets_load_and_validate():
     assert demo.dit.optim.schedule == "cosine"
     for preset in ("quick", "full"):
         assert load_reproduce_config(preset).experiment.dit.optim.schedule == "constant"
+        # The semantic stand-in: the paper's premise (a latent that keeps the encoder's semantics) can hold.
+        assert load_reproduce_config(preset).experiment.tokenizer.model.encoder == "standin:dinov2-centered-p8"
     with pytest.raises(ConfigError, match="held-out seed"):
         load_reproduce_config("minimal", ["seeds=[0,777]"])
     with pytest.raises(ConfigError, match="methods"):
