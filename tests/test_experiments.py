@@ -140,11 +140,9 @@ def test_presets_load_and_validate():
     from aligntok.standins.cache import shipped_directory
 
     demo = load_experiment_config(["demo"])
-    assert demo.tokenizer.model.encoder == "standin:dinov2-centered-p8" and demo.tokenizer.method == "aligntok"
+    assert demo.tokenizer.model.encoder == "standin:dinov2-shapes-p8" and demo.tokenizer.method == "aligntok"
     # A first run trains no stand-in: both are shipped. The latent is 8x8, as the DiT expects.
-    assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-centered-p8"]) is not None
-    # The encoder was trained on the demo's own data, as DINOv2 on natural images.
-    assert STANDIN_ENCODERS["dinov2-centered-p8"].difficulty == demo.difficulty
+    assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-shapes-p8"]) is not None
     assert shipped_directory("eval", EVAL_NETWORKS[demo.eval.eval_network]) is not None
     assert demo.difficulty == "centered" and demo.tokenizer.model.decoder.stride == 8
     # Its evaluation network was trained on a superset of the demo's scenes (centered is a subset of easy).
@@ -160,7 +158,11 @@ def test_presets_load_and_validate():
     for preset in ("quick", "full"):
         assert load_reproduce_config(preset).experiment.dit.optim.schedule == "constant"
         # The semantic stand-in: the paper's premise (a latent that keeps the encoder's semantics) can hold.
-        assert load_reproduce_config(preset).experiment.tokenizer.model.encoder == "standin:dinov2-centered-p8"
+        reproduce = load_reproduce_config(preset).experiment
+        assert reproduce.tokenizer.model.encoder == "standin:dinov2-centered-p8"
+        # ... trained on the reproduction's own data, as DINOv2 on natural images; shipped, so never trained here.
+        assert STANDIN_ENCODERS["dinov2-centered-p8"].difficulty == reproduce.difficulty == "centered"
+        assert shipped_directory("encoder", STANDIN_ENCODERS["dinov2-centered-p8"]) is not None
     with pytest.raises(ConfigError, match="held-out seed"):
         load_reproduce_config("minimal", ["seeds=[0,777]"])
     with pytest.raises(ConfigError, match="methods"):

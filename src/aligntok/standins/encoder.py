@@ -26,7 +26,9 @@ torchvision's ViT; none more than a few points after 800 steps; 3000 steps probe
 but is hardly semantic: its own head classifies 13.8% of held-out images. On the demo's
 ``centered`` data the same architecture learns steadily: its head at 500 / 1500 / 2500 / 4000 steps
 (batch 64, 12,800 images) classifies 39 / 63 / 72 / 84% of held-out images, the probe reads 42 / 58 / 68 /
-73%; the shipped ``dinov2-centered-p8`` is that 4000-step run, the demo's encoder. Each directory's
+73%; the shipped ``dinov2-centered-p8`` is that 4000-step run, the class-to-image reproduction's encoder
+(the demo keeps ``-p8``: its tokenizer also feeds demo-t2i, and an encoder that never saw a scene hurts
+there; docs/t2i.md). Each directory's
 ``standin.json`` records its held-out accuracy; :func:`probe_standin_encoder` measures the probe against
 a random initialisation.
 """
@@ -107,9 +109,9 @@ STANDIN_ENCODERS: dict[str, StandinEncoderSettings] = {
     "dinov2-shapes": StandinEncoderSettings(),
     "dinov2-shapes-long": StandinEncoderSettings(steps=3000, data_size=12800),
     # Shipped (aligntok.standins.build): 8 px patches give an 8x8 token grid at 64 px, the demo's latent grid.
-    # "-p8" (standard data, 600 steps) is what docs/reproduction-t2i ran with; it is hardly semantic.
+    # "-p8" (standard data, 600 steps; the demo's, and docs/reproduction-t2i's) is hardly semantic.
     "dinov2-shapes-p8": StandinEncoderSettings(hidden_size=96, patch_size=8, batch_size=32, steps=600),
-    # The demo's encoder: trained on the demo's own data (builtin:shapes-centered), long enough to be semantic.
+    # The reproduction's encoder: trained on its data (builtin:shapes-centered), long enough to be semantic.
     "dinov2-centered-p8": StandinEncoderSettings(hidden_size=96, patch_size=8, steps=4000, data_size=12800,
                                                  difficulty="centered"),
 }
