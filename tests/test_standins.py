@@ -223,6 +223,46 @@ def test_probe_compares_the_standin_with_a_random_init(cache):
         assert result[name]["num_train"] == 30 and result[name]["num_test"] == 20
 
 
+def test_scene_targets_mark_the_patches_of_each_object_and_flip_with_the_image():
+    from aligntok.data.scenes import SCENE_KINDS, make_scene_graph
+    from aligntok.eval.images import from_uint8
+    from aligntok.standins.recipe import ScenesInMemory
+
+    data = ScenesInMemory.render(seed=3, size=12, resolution=32, patch_size=8)
+    assert data.images.shape == (12, 3, 32, 32) and data.targets["token_kind"].shape == (12, 4, 4)
+    for n in range(12):
+        graph = make_scene_graph(3, n)
+        counts = [sum(o.kind == kind for o in graph.objects) for kind in SCENE_KINDS]
+        assert data.targets["kind_counts"][n].tolist() == counts
+        assert int(data.targets["colours"][n].sum()) == len({o.colour for o in graph.objects})
+        marked = set(data.targets["token_kind"][n].flatten().tolist()) - {0}
+        assert marked <= {SCENE_KINDS.index(o.kind) + 1 for o in graph.objects}
+        for obj in graph.objects:  # the patch holding an object's centre carries its kind
+            col, row = (min(int(c * 4), 3) for c in obj.center)
+            assert data.targets["token_kind"][n, row, col] == SCENE_KINDS.index(obj.kind) + 1
+    images, targets = data.batch(64, torch.Generator().manual_seed(0), hflip=True)
+    index = torch.randint(len(data), (64,), generator=torch.Generator().manual_seed(0))  # the batch's draw
+    plain = data.targets["token_kind"][index].flatten(1)
+    mirrored = data.targets["token_kind"][index].flip(-1).flatten(1)
+    flipped = ~torch.all((images == from_uint8(data.images[index])).flatten(1), dim=1)
+    assert 0 < flipped.sum() < 64
+    assert torch.equal(targets["token_kind"], torch.where(flipped[:, None], mirrored, plain))
+
+
+def test_mixed_recipe_learns_shapes_and_scenes_and_saves_a_dinov2(cache):
+    mixed = standins.MixedEncoderSettings(**vars(TINY_ENCODER), scenes_per_batch=4, scenes_size=16)
+    path = ensure_standin_encoder(mixed, progress=False)
+    info = read_standin_info(path)
+    assert 0.0 <= info["heldout_scene_token_kind_accuracy"] <= 1.0 and 0.0 <= info["heldout_class_accuracy"] <= 1.0
+    logs = info["final_train_logs_last10"]
+    assert {"class_ce", "pixel_mse", "count_ce", "colour_bce", "token_kind_ce"} <= set(logs)
+    assert load_encoder(str(path), stride=8)(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 4, 4)
+    # Another recipe than the shapes-only one with the same shared settings, so cached apart.
+    assert recipe_key("encoder", mixed) != recipe_key("encoder", TINY_ENCODER)
+    with pytest.raises(ConfigError, match="scenes_per_batch < batch_size"):
+        ensure_standin_encoder(standins.MixedEncoderSettings(**vars(TINY_ENCODER), scenes_per_batch=8), progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation network
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from aligntok.standins.cache import (
 from aligntok.standins.encoder import (
     STANDIN_ENCODERS,
     STANDIN_PREFIX,
+    MixedEncoderSettings,
     StandinEncoderSettings,
     ensure_standin_encoder,
     probe_standin_encoder,
@@ -61,6 +62,7 @@ __all__ = [
     "TRAINING_RUNS",
     "BuiltinEvalNetwork",
     "EvalNetworkSettings",
+    "MixedEncoderSettings",
     "StandinEncoderSettings",
     "builtin_class_accuracy",
     "builtin_fd",

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligntok.config import ConfigError
+from aligntok.data.scenes import SCENE_COLOURS, SCENE_KINDS
 from aligntok.eval.images import from_uint8
 from aligntok.standins.cache import (
     INFO_FILE,
@@ -58,10 +59,13 @@ from aligntok.standins.cache import (
 from aligntok.standins.recipe import (
     HEAD_WIDTH,
     HELDOUT_SEED,
+    SCENE_COUNT_CLASSES,
     RecipeSettings,
+    ScenesInMemory,
     ShapesInMemory,
     attribute_loss,
     heldout,
+    scene_loss,
     split_heads,
     train_loop,
 )
@@ -103,6 +107,21 @@ class StandinEncoderSettings(RecipeSettings):
 
 
 
+@dataclasses.dataclass
+class MixedEncoderSettings(StandinEncoderSettings):
+    """A stand-in that also learns builtin:scenes (several small objects), as DINOv2 learns from varied data:
+    each batch holds ``scenes_per_batch`` scenes (targets: :class:`ScenesInMemory`) besides the shapes."""
+
+    scenes_per_batch: int = 32  #: of ``batch_size``
+    scenes_size: int = 6400  #: distinct scenes, rendered once into memory
+    scene_weight: float = 1.0  #: weight of the scene terms (counts per kind, colours, per-patch kind)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.scenes_per_batch < self.batch_size or self.scenes_size <= 0 or self.scene_weight < 0:
+            raise ConfigError("need 0 < scenes_per_batch < batch_size, scenes_size > 0 and scene_weight >= 0")
+
+
 #: Named stand-in encoders, also for ``model.encoder=standin:NAME``: the default fits the demo's first-run
 #: budget; "-long" (~4.5 min on 2 cores) is for runs that can afford a stronger encoder.
 STANDIN_ENCODERS: dict[str, StandinEncoderSettings] = {
@@ -114,6 +133,9 @@ STANDIN_ENCODERS: dict[str, StandinEncoderSettings] = {
     # The reproduction's encoder: trained on its data (builtin:shapes-centered), long enough to be semantic.
     "dinov2-centered-p8": StandinEncoderSettings(hidden_size=96, patch_size=8, steps=4000, data_size=12800,
                                                  difficulty="centered"),
+    # Not shipped yet: centred shapes and scenes half and half, for a demo tokenizer that demo-t2i can reuse.
+    "dinov2-mixed-p8": MixedEncoderSettings(hidden_size=96, patch_size=8, steps=6000, data_size=12800,
+                                            difficulty="centered"),
 }
 
 
@@ -173,29 +195,53 @@ def _train_standin_encoder(settings: StandinEncoderSettings, staging: Path, prog
         heads = nn.Linear(2 * settings.hidden_size, HEAD_WIDTH).to(device)
         pixel_head = nn.Linear(settings.hidden_size, 3 * _PIXEL_CELLS**2).to(device)
 
+        mixed = isinstance(settings, MixedEncoderSettings)
+        if mixed:  # made after the others, so a shapes-only recipe's initialisation is unchanged
+            scene_heads = nn.Linear(2 * settings.hidden_size, len(SCENE_KINDS) * SCENE_COUNT_CLASSES
+                                    + len(SCENE_COLOURS)).to(device)
+            token_head = nn.Linear(settings.hidden_size, 1 + len(SCENE_KINDS)).to(device)
+
         def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """-> (DINOv2's linear-evaluation feature, patch tokens)."""
             tokens = model(pixel_values=_normalise_for_dinov2(images)).last_hidden_state
             cls, patches = tokens[:, 0], tokens[:, 1:]
-            return heads(torch.cat([cls, patches.mean(dim=1)], dim=1)), patches
+            return torch.cat([cls, patches.mean(dim=1)], dim=1), patches
 
         def step_loss(images: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
             images, targets = images.to(device), {k: v.to(device) for k, v in targets.items()}
-            outputs, patches = forward(images)
-            loss, logs = attribute_loss(outputs, targets, settings.attribute_weight)
+            features, patches = forward(images)
+            shapes = len(targets["label"])  # the shapes come first, any scenes after them
+            loss, logs = attribute_loss(heads(features[:shapes]), targets, settings.attribute_weight)
             pixel_mse = F.mse_loss(pixel_head(patches), _patch_colours(images, settings.patch_size))
             logs["pixel_mse"] = pixel_mse.item()
-            return loss + settings.pixel_weight * pixel_mse, logs
+            loss = loss + settings.pixel_weight * pixel_mse
+            if mixed:
+                scene = {k.removeprefix("scene/"): v for k, v in targets.items() if k.startswith("scene/")}
+                term, scene_logs = scene_loss(scene_heads(features[shapes:]), token_head(patches[shapes:]), scene)
+                loss = loss + settings.scene_weight * term
+                logs.update(scene_logs)
+            return loss, logs
 
         params = [*model.parameters(), *heads.parameters(), *pixel_head.parameters()]
+        if mixed:
+            params += [*scene_heads.parameters(), *token_head.parameters()]
         model.train()
-        record = train_loop(step_loss, params, settings, progress=progress, desc="stand-in DINOv2")
+        scenes = (settings.scenes_per_batch, settings.scenes_size, settings.patch_size) if mixed else None
+        record = train_loop(step_loss, params, settings, progress=progress, desc="stand-in DINOv2", scenes=scenes)
         model.eval()
         images, labels = heldout(settings)
         with torch.no_grad():
             logits = torch.cat([
-                split_heads(forward(from_uint8(x).to(device))[0])["label"].cpu() for x in images.split(250)
+                split_heads(heads(forward(from_uint8(x).to(device))[0]))["label"].cpu() for x in images.split(250)
             ])
-        record["heldout_class_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+            record["heldout_class_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+            if mixed:  # held-out scenes: the per-patch object kind (0 = background)
+                held = ScenesInMemory.render(HELDOUT_SEED, settings.heldout_size, settings.resolution,
+                                             settings.patch_size)
+                kinds = torch.cat([token_head(forward(from_uint8(x).to(device))[1]).argmax(-1).cpu()
+                                   for x in held.images.split(250)])
+                record["heldout_scene_token_kind_accuracy"] = (
+                    (kinds == held.targets["token_kind"].flatten(1)).float().mean().item())
         record["heldout"] = {"seed": HELDOUT_SEED, "num_images": len(labels), "head": "CLS ++ mean patch, linear"}
 
     with _quiet_transformers():

@@ -143,17 +143,25 @@ def train_loop(
     *,
     progress: bool,
     desc: str,
+    scenes: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
     """Train on ``settings.data_size`` in-memory images; returns the final losses and the time taken.
 
-    A plain single-process loop, not the Trainer: the Trainer's collectives expect every rank, while a
-    stand-in trains in one process as the others wait on the cache lock (and needs no resume).
+    ``scenes``: (images per batch, distinct images, patch size) of builtin:scenes to mix into each batch
+    (:class:`ScenesInMemory`, seed ``settings.data_seed``): ``step_loss`` then gets the shapes first and the
+    scenes' targets under ``scene/NAME``. A plain single-process loop, not the Trainer: the Trainer's
+    collectives expect every rank, while a stand-in trains in one process as the others wait on the cache
+    lock (and needs no resume).
     """
     from aligntok.progress import progress_bar
     from aligntok.training.optim import lr_factor
 
     start = time.perf_counter()
     data = ShapesInMemory.render(settings.data_seed, settings.data_size, settings.resolution, settings.difficulty)
+    per_batch, scene_data = 0, None
+    if scenes is not None:
+        per_batch, size, patch_size = scenes
+        scene_data = ScenesInMemory.render(settings.data_seed, size, settings.resolution, patch_size)
     render_seconds = time.perf_counter() - start
     schedule = OptimConfig(lr=settings.lr, weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps,
                            schedule=settings.schedule, grad_clip=1.0)
@@ -163,7 +171,11 @@ def train_loop(
     recent: list[dict[str, float]] = []
     with progress_bar(range(settings.steps), desc=desc, disable=not progress, leave=False) as bar:
         for step in bar:
-            images, targets = data.batch(settings.batch_size, generator, hflip=settings.hflip)
+            images, targets = data.batch(settings.batch_size - per_batch, generator, hflip=settings.hflip)
+            if scene_data is not None:
+                scene_images, scene_targets_ = scene_data.batch(per_batch, generator, hflip=settings.hflip)
+                images = torch.cat([images, scene_images])
+                targets.update({f"scene/{key}": value for key, value in scene_targets_.items()})
             loss, logs = step_loss(images, targets)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{desc}: non-finite loss at step {step}; lower the learning rate")
@@ -187,3 +199,86 @@ def heldout(settings: RecipeSettings, seed: int = HELDOUT_SEED) -> tuple[torch.T
     data = ShapesInMemory.render(seed, settings.heldout_size, settings.resolution, settings.difficulty)
     return data.images, data.targets["label"]
 
+
+
+@dataclasses.dataclass
+class ScenesInMemory:
+    """builtin:scenes images rendered once into memory (uint8) with targets a scene's caption depends on.
+
+    Global: how many objects of each kind (0-4, a class per kind) and which colours are present (multi-hot);
+    per patch of ``patch_size`` px: the kind of the object it shows (0 = none): the patch holding the object's
+    centre, and every patch that a quarter of its side or more of the object's box covers along both axes.
+    """
+
+    images: torch.Tensor  #: (N, 3, R, R) uint8
+    targets: dict[str, torch.Tensor]
+
+    @classmethod
+    def render(cls, seed: int, size: int, resolution: int, patch_size: int) -> ScenesInMemory:
+        from aligntok.data.scenes import (
+            SCENE_COLOURS,
+            SCENE_KINDS,
+            make_scene_graph,
+            render_scene_graph,
+        )
+
+        graphs = [make_scene_graph(seed, i) for i in range(size)]
+        images = np.stack([np.asarray(render_scene_graph(g, resolution)) for g in graphs])
+        grid = resolution // patch_size
+        starts = np.arange(grid) / grid
+
+        def covered(low: float, high: float, centre: float) -> torch.Tensor:
+            overlap = np.clip(np.minimum(starts + 1 / grid, high) - np.maximum(starts, low), 0, None)
+            inside = overlap >= 0.25 / grid
+            inside[min(int(centre * grid), grid - 1)] = True
+            return torch.from_numpy(inside)
+
+        counts = torch.zeros(size, len(SCENE_KINDS), dtype=torch.long)
+        colours = torch.zeros(size, len(SCENE_COLOURS))
+        token_kind = torch.zeros(size, grid, grid, dtype=torch.long)
+        for n, graph in enumerate(graphs):
+            for obj in graph.objects:
+                kind = SCENE_KINDS.index(obj.kind)
+                counts[n, kind] += 1
+                colours[n, list(SCENE_COLOURS).index(obj.colour)] = 1.0
+                x0, y0, x1, y1 = obj.box
+                inside_x, inside_y = covered(x0, x1, obj.center[0]), covered(y0, y1, obj.center[1])
+                token_kind[n][inside_y[:, None] & inside_x[None, :]] = kind + 1
+        return cls(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                   {"kind_counts": counts, "colours": colours, "token_kind": token_kind})
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, size: int, generator: torch.Generator, *, hflip: bool
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As :meth:`ShapesInMemory.batch`; a flip mirrors the per-patch targets with the image."""
+        index = torch.randint(len(self), (size,), generator=generator)
+        images, targets = from_uint8(self.images[index]), {k: v[index] for k, v in self.targets.items()}
+        if hflip:
+            flip = torch.rand(size, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            targets["token_kind"] = torch.where(flip[:, None, None], targets["token_kind"].flip(-1),
+                                                targets["token_kind"])
+        targets["token_kind"] = targets["token_kind"].flatten(1)  # raster order, as the patch tokens
+        return images, targets
+
+
+#: Output columns of the scene heads: per kind a 5-way count (0-4), then the ten colours' presence.
+SCENE_COUNT_CLASSES = 5
+
+
+def scene_loss(global_outputs: torch.Tensor, token_logits: torch.Tensor, targets: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Counts per kind (cross-entropy), colour presence (binary cross-entropy), per-patch kind (cross-entropy)."""
+    kinds = targets["kind_counts"].shape[1]
+    count_logits = global_outputs[:, : kinds * SCENE_COUNT_CLASSES].reshape(-1, kinds, SCENE_COUNT_CLASSES)
+    colour_logits = global_outputs[:, kinds * SCENE_COUNT_CLASSES:]
+    parts = {
+        "count_ce": F.cross_entropy(count_logits.flatten(0, 1), targets["kind_counts"].flatten()),
+        "colour_bce": F.binary_cross_entropy_with_logits(colour_logits, targets["colours"]),
+        "token_kind_ce": F.cross_entropy(token_logits.flatten(0, 1), targets["token_kind"].flatten()),
+    }
+    logs = {k: v.item() for k, v in parts.items()}
+    logs["token_kind_acc"] = (token_logits.argmax(-1) == targets["token_kind"]).float().mean().item()
+    return sum(parts.values()), logs
