@@ -94,8 +94,8 @@ def test_shipped_stand_ins_are_used_without_training_and_load_like_real_networks
     assert standins.builtin_class_accuracy(held_out, labels, network=network) >= 0.9
 
 
-def test_the_demos_encoder_is_semantic_on_the_demos_data():
-    # What the method starts from: a linear probe on the pooled tokens reads the class, a random init's does not.
+def test_the_reproductions_encoder_is_semantic_on_its_data():
+    # What the method starts from: a linear probe on its pooled tokens reads the class, a random init's does not.
     directory = standins.ensure_standin_encoder("dinov2-centered-p8", progress=False)
     assert read_standin_info(directory)["heldout_class_accuracy"] >= 0.8
     probe = standins.probe_standin_encoder(directory, num_train=600, num_test=400, difficulty="centered")
