@@ -156,9 +156,9 @@ def test_presets_load_and_validate():
     # convergence curves read every checkpoint of a run as a point on one curve, so they keep a constant rate.
     assert demo.dit.optim.schedule == "cosine"
     for preset in ("quick", "full"):
-        assert load_reproduce_config(preset).experiment.dit.optim.schedule == "constant"
-        # The semantic stand-in: the paper's premise (a latent that keeps the encoder's semantics) can hold.
         reproduce = load_reproduce_config(preset).experiment
+        assert reproduce.dit.optim.schedule == "constant"
+        # The semantic stand-in: the paper's premise (a latent that keeps the encoder's semantics) can hold.
         assert reproduce.tokenizer.model.encoder == "standin:dinov2-centered-p8"
         # ... trained on the reproduction's own data, as DINOv2 on natural images; shipped, so never trained here.
         assert STANDIN_ENCODERS["dinov2-centered-p8"].difficulty == reproduce.difficulty == "centered"

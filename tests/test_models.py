@@ -389,7 +389,7 @@ def test_discriminator_config_errors():
 
 def test_loading_an_encoder_logs_no_warnings(tmp_path):
     # Expected unused weights and transformers' tensor-parallel check (a plan-less model's every layer
-    # "not sharded") are noise to a user loading an encoder; real problems raise instead (below).
+    # "not sharded") are noise to a user loading an encoder; real problems raise instead.
     import logging
 
     path, _ = _save_encoder(tmp_path, "dinov2")

@@ -30,6 +30,12 @@ from aligntok.data.builtin import (
     ShapesDataset,
     render_scenes,
 )
+from aligntok.data.scenes import (
+    SCENE_COLOURS,
+    SCENE_KINDS,
+    make_scene_graph,
+    render_scene_graph,
+)
 from aligntok.eval.images import from_uint8
 
 #: Default seed of the held-out ``builtin:shapes`` images (training uses the dataset's seed 0).
@@ -173,9 +179,9 @@ def train_loop(
         for step in bar:
             images, targets = data.batch(settings.batch_size - per_batch, generator, hflip=settings.hflip)
             if scene_data is not None:
-                scene_images, scene_targets_ = scene_data.batch(per_batch, generator, hflip=settings.hflip)
+                scene_images, extra = scene_data.batch(per_batch, generator, hflip=settings.hflip)
                 images = torch.cat([images, scene_images])
-                targets.update({f"scene/{key}": value for key, value in scene_targets_.items()})
+                targets.update({f"scene/{key}": value for key, value in extra.items()})
             loss, logs = step_loss(images, targets)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{desc}: non-finite loss at step {step}; lower the learning rate")
@@ -200,7 +206,6 @@ def heldout(settings: RecipeSettings, seed: int = HELDOUT_SEED) -> tuple[torch.T
     return data.images, data.targets["label"]
 
 
-
 @dataclasses.dataclass
 class ScenesInMemory:
     """builtin:scenes images rendered once into memory (uint8) with targets a scene's caption depends on.
@@ -215,13 +220,6 @@ class ScenesInMemory:
 
     @classmethod
     def render(cls, seed: int, size: int, resolution: int, patch_size: int) -> ScenesInMemory:
-        from aligntok.data.scenes import (
-            SCENE_COLOURS,
-            SCENE_KINDS,
-            make_scene_graph,
-            render_scene_graph,
-        )
-
         graphs = [make_scene_graph(seed, i) for i in range(size)]
         images = np.stack([np.asarray(render_scene_graph(g, resolution)) for g in graphs])
         grid = resolution // patch_size
