@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -184,6 +185,11 @@ def render_scene_graph(graph: SceneGraph, resolution: int) -> Image.Image:
         for o, r in zip(graph.objects, graph.rotations, strict=True)
     ]
     return render_layers(backdrop, layers, resolution)
+
+
+def render_scene_graphs(graphs: Sequence[SceneGraph], resolution: int) -> np.ndarray:
+    """Every graph drawn by :func:`render_scene_graph`: uint8 (N, resolution, resolution, 3)."""
+    return np.stack([np.asarray(render_scene_graph(graph, resolution)) for graph in graphs])
 
 
 class ScenesDataset(IndexedImageDataset):

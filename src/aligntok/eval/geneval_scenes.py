@@ -219,11 +219,11 @@ Detector = Callable[[np.ndarray], list[list[Detection]]]  #: uint8 (N, H, W, 3) 
 def prompt_renders(metadata: Sequence[dict[str, Any]], seed: int, resolution: int, samples_per_prompt: int = 1) -> np.ndarray:
     """Real renders of scenes made for each prompt (:func:`scene_for_prompt`), uint8 (N * n, R, R, 3),
     prompt k's n images consecutive (sample j is scene index ``k * n + j``)."""
-    from aligntok.data.scenes import render_scene_graph
+    from aligntok.data.scenes import render_scene_graphs
 
     n = samples_per_prompt
-    return np.stack([np.asarray(render_scene_graph(scene_for_prompt(m, seed, k * n + j), resolution))
-                     for k, m in enumerate(metadata) for j in range(n)])
+    return render_scene_graphs([scene_for_prompt(m, seed, k * n + j) for k, m in enumerate(metadata) for j in range(n)],
+                               resolution)
 
 
 def reconstruct(tokenizer, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -138,7 +138,7 @@ class _Runner:
     """The shared judge, scene CLIP, evaluation network, prompts and held-out set; one method and seed per call."""
 
     def __init__(self, rcfg: T2IReproduceConfig, out: Path, progress: Progress) -> None:
-        from aligntok.data.scenes import make_scene_graph, render_scene_graph
+        from aligntok.data.scenes import make_scene_graph, render_scene_graphs
         from aligntok.eval.geneval_scenes import create_prompts, prompt_renders
         from aligntok.eval.t2i import CLIPScorer
         from aligntok.standins import ensure_eval_network, load_eval_network
@@ -158,7 +158,7 @@ class _Runner:
                                    samples_per_prompt=e.images_per_prompt)
         graphs = [make_scene_graph(e.heldout_seed, i) for i in range(e.num_heldout)]
         self.heldout_captions = [g.caption for g in graphs]
-        self.heldout = np.stack([np.asarray(render_scene_graph(g, resolution)) for g in graphs])
+        self.heldout = render_scene_graphs(graphs, resolution)
 
     def geneval(self, images: np.ndarray) -> dict[str, Any]:
         from aligntok.eval.geneval_scenes import miniature_geneval

@@ -57,6 +57,7 @@ from aligntok.eval.images import from_uint8
 from aligntok.standins.cache import (
     INFO_FILE,
     ensure_cached,
+    read_standin_info,
     select_preset,
     training_device,
 )
@@ -324,9 +325,8 @@ def probe_standin_encoder(
     encoder = load_encoder(str(path), stride=stride or hf_config["patch_size"]).eval()
     resolution = hf_config["image_size"]
     if difficulty is None:
-        info = Path(path) / INFO_FILE
-        settings = json.loads(info.read_text())["settings"] if info.is_file() else {}
-        difficulty = settings.get("difficulty", "standard")
+        recorded = read_standin_info(path)["settings"] if (Path(path) / INFO_FILE).is_file() else {}
+        difficulty = recorded.get("difficulty", "standard")
     data = ShapesInMemory.render(seed, num_train + num_test, resolution, difficulty)
     labels = data.targets["label"]
 

@@ -30,7 +30,7 @@ from aligntok.data.scenes import (
     SCENE_KINDS,
     SceneGraph,
     make_scene_graph,
-    render_scene_graph,
+    render_scene_graphs,
 )
 from aligntok.eval.geneval_scenes import (
     COLOURS,
@@ -113,7 +113,7 @@ class SceneJudge:
         if config.prompt_scenes:
             prompts = create_prompts(seed=config.seed + 7, n=60, kinds=kinds)
             pool += [scene_for_prompt(prompts[i % len(prompts)], config.seed + 1, i) for i in range(config.prompt_scenes)]
-        images = np.stack([np.asarray(render_scene_graph(g, config.resolution)) for g in pool])
+        images = render_scene_graphs(pool, config.resolution)
         targets = np.stack([_targets(g, kinds) for g in pool])
         # Negatives (every cell empty): pixel noise and blurred noise, so noise is judged empty, not as objects.
         rng = np.random.default_rng([config.seed, 1])

@@ -34,7 +34,7 @@ from aligntok.data.scenes import (
     SCENE_COLOURS,
     SCENE_KINDS,
     make_scene_graph,
-    render_scene_graph,
+    render_scene_graphs,
 )
 from aligntok.eval.images import from_uint8
 
@@ -134,12 +134,20 @@ class ShapesInMemory:
     def batch(self, size: int, generator: torch.Generator, *, hflip: bool
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``size`` random images (float in [-1, 1], flipped at random when ``hflip``) and their targets."""
-        index = torch.randint(len(self), (size,), generator=generator)
-        images = from_uint8(self.images[index])
-        if hflip:
-            flip = torch.rand(size, generator=generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images, {key: value[index] for key, value in self.targets.items()}
+        images, targets, _ = _random_batch(self.images, self.targets, size, generator, hflip)
+        return images, targets
+
+
+def _random_batch(images: torch.Tensor, targets: Mapping[str, torch.Tensor], size: int, generator: torch.Generator,
+                  hflip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """``size`` random rows of uint8 ``images`` as floats in [-1, 1] and their targets, each image flipped
+    with probability 1/2 when ``hflip``; also the flip mask (None without flips)."""
+    index = torch.randint(len(images), (size,), generator=generator)
+    drawn, flip = from_uint8(images[index]), None
+    if hflip:
+        flip = torch.rand(size, generator=generator) < 0.5
+        drawn = torch.where(flip[:, None, None, None], drawn.flip(-1), drawn)
+    return drawn, {key: value[index] for key, value in targets.items()}, flip
 
 
 def train_loop(
@@ -221,7 +229,7 @@ class ScenesInMemory:
     @classmethod
     def render(cls, seed: int, size: int, resolution: int, patch_size: int) -> ScenesInMemory:
         graphs = [make_scene_graph(seed, i) for i in range(size)]
-        images = np.stack([np.asarray(render_scene_graph(g, resolution)) for g in graphs])
+        images = render_scene_graphs(graphs, resolution)
         grid = resolution // patch_size
         starts = np.arange(grid) / grid
 
@@ -251,11 +259,8 @@ class ScenesInMemory:
     def batch(self, size: int, generator: torch.Generator, *, hflip: bool
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """As :meth:`ShapesInMemory.batch`; a flip mirrors the per-patch targets with the image."""
-        index = torch.randint(len(self), (size,), generator=generator)
-        images, targets = from_uint8(self.images[index]), {k: v[index] for k, v in self.targets.items()}
-        if hflip:
-            flip = torch.rand(size, generator=generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        images, targets, flip = _random_batch(self.images, self.targets, size, generator, hflip)
+        if flip is not None:
             targets["token_kind"] = torch.where(flip[:, None, None], targets["token_kind"].flip(-1),
                                                 targets["token_kind"])
         targets["token_kind"] = targets["token_kind"].flatten(1)  # raster order, as the patch tokens

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aligntok.data.scenes import make_scene_graph, render_scene_graph
+from aligntok.data.scenes import make_scene_graph, render_scene_graphs
 from aligntok.eval.geneval_scenes import create_prompts, scene_for_prompt
 
 
@@ -48,7 +48,7 @@ def _pairs(config: SceneCLIPConfig, offset: int, count: int, prompt_count: int) 
         entry = prompts[i % len(prompts)]
         graphs.append(scene_for_prompt(entry, config.seed + 1, offset + i))
         captions.append(entry["prompt"])
-    return np.stack([np.asarray(render_scene_graph(g, config.resolution)) for g in graphs]), captions
+    return render_scene_graphs(graphs, config.resolution), captions
 
 
 def _words(config: SceneCLIPConfig) -> set[str]:
