@@ -91,7 +91,7 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
     results = json.loads((out / "results.json").read_text())
     assert set(results["tokenizer_table"]) == {"aligntok", "vae", "vavae"}
     for method, row in results["tokenizer_table"].items():
-        for key in ("psnr", "linear_probe", "gfd_guided", "gfd_unguided", "rfd", "perceptual"):
+        for key in ("psnr", "linear_probe", "gfd_guided", "gfd_unguided", "rfd", "perceptual", "recon_class_accuracy"):
             assert row[key]["n"] == 2 and all(math.isfinite(v) for v in row[key]["values"]), (method, key)
         # Seeds change training and sampling: the two runs differ.
         assert row["psnr"]["values"][0] != row["psnr"]["values"][1]
@@ -130,6 +130,12 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.html").read_text()
     assert all(name in report for name in ("AlignTok", "VA-VAE", "VAE", "w_sp", "± "))
+    assert results["resumed"] is False and "resumed" not in report
+    # Re-running reads every result back; its time is then only the last invocation's, and the report says so.
+    run_reproduce(out, preset="minimal", overrides=["experiment.eval.eval_network=tiny"], progress=False)
+    again = json.loads((out / "results.json").read_text())
+    assert again["resumed"] is True and again["tokenizer_table"] == results["tokenizer_table"]
+    assert "resumed from earlier ones not counted" in (out / "report.html").read_text()
     # Another config in the same folder is refused before anything runs, not mixed in.
     with pytest.raises(ConfigError, match="another reproduce config"):
         run_reproduce(out, preset="minimal", overrides=["experiment.eval.eval_network=tiny", "seeds=[1,2]"], progress=False)

@@ -19,6 +19,7 @@ from aligntok.training.stages import (
     STAGES,
     TokenizerStageTask,
     TokenizerTrainConfig,
+    add_decoder_noise,
     build_recon_loss,
     build_semantic_loss,
     build_stage_tokenizer,
@@ -132,6 +133,31 @@ def test_rerun_skips_finished_stages(run):
     train_tokenizer(cfg, run_dir)
     again = _parts(AlignTokTokenizer.from_pretrained(run_dir / "stage3"))
     assert not any(_changed(again[p], weights[3][p]) for p in PARTS)
+
+
+def test_decoder_noise_follows_each_channels_spread_and_is_off_at_zero():
+    latent = torch.randn(64, 2, 4, 4) * torch.tensor([100.0, 1.0]).view(1, 2, 1, 1)
+    assert add_decoder_noise(latent, 0.0) is latent
+    torch.manual_seed(0)
+    noise = add_decoder_noise(latent, 0.5) - latent
+    per_channel = noise.std(dim=(0, 2, 3))
+    # sigma ~ U(0, 0.5): the noise's spread is about 0.5 / sqrt(3) = 0.29 of each channel's own.
+    assert 0.2 < per_channel[1] < 0.4 and 20 < per_channel[0] < 40
+
+
+def test_stage3_with_decoder_noise_decodes_noised_latents(run):
+    cfg, run_dir, _, _ = run
+    tok = build_stage_tokenizer(cfg, run_dir, STAGES[3])
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1}
+
+    def loss(noise: float) -> float:
+        torch.manual_seed(0)
+        task = TokenizerStageTask(tok, STAGES[3], ReconstructionLoss(cfg.loss), None, decoder_noise=noise)
+        return float(task.losses(batch, step=0)["generator"][0])
+
+    assert loss(0.0) == loss(0.0) and loss(0.5) != loss(0.0)
+    with pytest.raises(ConfigError, match="decoder_noise"):
+        load_config(TokenizerTrainConfig, TINY, ["stage3.decoder_noise=-1"])
 
 
 def test_stage3_can_start_from_stage2_raw_weights_instead_of_ema(run):

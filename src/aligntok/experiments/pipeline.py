@@ -131,6 +131,14 @@ def claim_folder(directory: Path, kind: str, cfg: Any) -> None:
     save_config(cfg, record)
 
 
+def duration_text(results: dict[str, Any]) -> str:
+    """``results``' wall time for a report; a resumed run's ``seconds`` count only the last invocation."""
+    minutes = f"{results['seconds'] / 60:.1f} min"
+    if results.get("resumed"):
+        return f"{minutes} in the invocation that finished it, resumed from earlier ones not counted"
+    return minutes
+
+
 def heldout_set(cfg: EvaluationConfig, resolution: int, difficulty: str = "standard"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out builtin:shapes images (uint8 NCHW) and labels every experiment is measured on."""

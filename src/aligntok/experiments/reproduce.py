@@ -211,6 +211,7 @@ def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequ
 
     rcfg = load_reproduce_config(preset, overrides)
     out = Path(out_dir)
+    resumed = (out / "runs").is_dir()  # earlier invocations' time is not in this one's "seconds"
     claim_folder(out, "reproduce", rcfg)
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
@@ -226,7 +227,7 @@ def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequ
     results = summarize(rcfg, runs, ablation)
     results["preset"] = preset
     results["command"] = " ".join(["aligntok reproduce", f"--preset {preset}", *overrides])
-    results["seconds"] = round(steps.elapsed(), 1)
+    results["seconds"], results["resumed"] = round(steps.elapsed(), 1), resumed
     write_json(out / "results.json", results)
     report = write_reproduce_report(out, rcfg, results, runner.network)
     steps.say(f"done in {results['seconds'] / 60:.1f} min: {report}")
@@ -245,7 +246,7 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
             "n": len(values), "values": values}
 
 
-_TOKENIZER_METRICS = ("psnr", "ssim", "perceptual", "rfd", "linear_probe")
+_TOKENIZER_METRICS = ("psnr", "ssim", "perceptual", "rfd", "recon_class_accuracy", "linear_probe")
 
 
 def _row(per_seed: list[dict[str, Any]]) -> dict[str, Any]:

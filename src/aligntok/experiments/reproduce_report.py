@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.eval.report import Section, plot_curves, write_report
+from aligntok.experiments.pipeline import duration_text
 from aligntok.io import replace_atomically
 
 _TABLE_COLUMNS = (  # (results key, column title)
     ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("perceptual", "perceptual (CNN)"), ("rfd", "rFD"),
-    ("linear_probe", "linear probe"), ("gfd_unguided", "gFD w/o guidance"), ("gfd_guided", "gFD w/ guidance"),
+    ("recon_class_accuracy", "reconstructions' class acc."), ("linear_probe", "linear probe"), ("gfd_unguided", "gFD w/o guidance"), ("gfd_guided", "gFD w/ guidance"),
     ("class_accuracy_guided", "class acc. w/ guidance"),
 )
 _CURVES = (  # (results key, file name, title, x label, log x)
@@ -82,7 +83,7 @@ def write_reproduce_report(out: Path, rcfg, results: dict[str, Any], network) ->
         f"{accuracy:.0%}), not Inception FIDs; the perceptual distance is LPIPS's formula with uniform weights on "
         f"that CNN. Baselines train one stage for as many steps as AlignTok's three stages together. "
         f"Mean ± sample standard deviation over seeds {', '.join(map(str, rcfg.seeds))}.<br>"
-        f"Command: <code>{html.escape(results['command'])}</code> ({results['seconds'] / 60:.1f} min).</div>"
+        f"Command: <code>{html.escape(results['command'])}</code> ({duration_text(results)}).</div>"
     )
     names = {m: METHOD_LABELS[m] for m in results["tokenizer_table"]}
     sections = [

@@ -19,7 +19,8 @@ Ceilings: the judge on real renders of the GenEval prompts (``judge_ceiling``), 
 reconstructions of them (its ``tokenizer_ceiling``: a generator on it cannot beat it), and the scene CLIP's
 retrieval accuracy and its score on real renders (``clip_ceiling``).
 
-``results.json`` keys: ``preset``, ``command``, ``seconds``, ``methods``, ``seeds``, ``protocol``;
+``results.json`` keys: ``preset``, ``command``, ``seconds`` (of the invocation that finished the run; ``resumed``
+says whether earlier ones did part of it), ``methods``, ``seeds``, ``protocol``;
 ``judge_ceiling`` (``overall``, ``tasks``); ``clip_ceiling`` (``retrieval_accuracy``, ``clip_score_real``);
 ``table``: per method, each a ``{mean, std, n, values}`` over seeds (final checkpoint): ``geneval_overall``,
 ``geneval_tasks`` (task -> stats), ``gfd_guided``, ``gfd_unguided``, ``clip_score``, ``tokenizer_ceiling``,
@@ -263,6 +264,7 @@ def run_reproduce_t2i(out_dir: str | Path, *, preset: str = "t2i-quick", overrid
 
     rcfg = load_t2i_reproduce_config(preset, overrides)
     out = Path(out_dir)
+    resumed = (out / "runs").is_dir()  # earlier invocations' time is not in this one's "seconds"
     claim_folder(out, "reproduce", rcfg)
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
@@ -274,7 +276,7 @@ def run_reproduce_t2i(out_dir: str | Path, *, preset: str = "t2i-quick", overrid
     results = {"preset": preset, "command": " ".join(["aligntok reproduce", f"--preset {preset}", *overrides]),
                "methods": rcfg.methods, "seeds": rcfg.seeds, "protocol": _protocol(rcfg), **shared,
                **summarize(runs), "timings_seconds": runner.timings}
-    results["seconds"] = round(steps.elapsed(), 1)
+    results["seconds"], results["resumed"] = round(steps.elapsed(), 1), resumed
     write_json(out / "results.json", results)
     report = write_t2i_reproduce_report(out, rcfg, results)
     steps.say(f"done in {results['seconds'] / 60:.1f} min: {report}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.eval.report import Section, write_report
+from aligntok.experiments.pipeline import duration_text
 from aligntok.experiments.reproduce_report import (
     METHOD_LABELS,
     curve_figure,
@@ -99,7 +100,7 @@ def write_t2i_reproduce_report(out: Path, rcfg, results: dict[str, Any]) -> Path
         "(not Inception, not COCO); CLIP score: 100 * max(cos, 0) in a scene CLIP trained on renders. "
         "HPSv2, PickScore and ImageReward have no miniature. "
         f"Mean ± sample standard deviation over seeds {', '.join(map(str, rcfg.seeds))}, final checkpoint.<br>"
-        f"Command: <code>{html.escape(results['command'])}</code> ({results['seconds'] / 60:.1f} min).</div>"
+        f"Command: <code>{html.escape(results['command'])}</code> ({duration_text(results)}).</div>"
     )
     sections = [
         Section("Tokenizers compared (the paper: AlignTok vs FLUX VAE, same transformer and steps)", table=headline),

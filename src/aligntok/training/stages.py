@@ -101,10 +101,16 @@ class StageConfig:
     #: the discriminator's life, i.e. minus the steps of the earlier stages it was carried through (so after
     #: a stage 1 longer than loss.gan_start the GAN is on from step 0, as VA-VAE's fine-tuning has disc_start 1).
     gan_start: int | None = None
+    #: Not in the paper (off): the decoder learns from latents plus Gaussian noise of sigma ~ U(0, decoder_noise)
+    #: times each channel's batch standard deviation, so that it tolerates a diffusion model's inexact latents
+    #: (RAE's noise-augmented decoding, arXiv:2510.11690, in spirit). docs/reproduction measures what it buys.
+    decoder_noise: float = 0.0
 
     def validate(self) -> None:
         if self.gan_start is not None and self.gan_start < 0:
             raise ConfigError(f"gan_start={self.gan_start} must be >= 0 (or null)")
+        if self.decoder_noise < 0:
+            raise ConfigError(f"decoder_noise={self.decoder_noise} must be >= 0")
 
 
 @dataclasses.dataclass
@@ -167,6 +173,17 @@ class _Encoded:
     logvar: torch.Tensor | None = None  #: VAE: posterior log-variance
 
 
+def add_decoder_noise(latent: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """``latent`` (B, C, H, W) plus Gaussian noise of per-sample sigma ~ U(0, max_sigma) times each channel's
+    standard deviation over the batch (detached); ``latent`` itself when ``max_sigma`` is 0. Torch's global RNG
+    (resumable, as the VAE's posterior samples)."""
+    if max_sigma == 0:
+        return latent
+    std = latent.detach().float().std(dim=(0, 2, 3), keepdim=True).to(latent.dtype)
+    sigma = max_sigma * torch.rand(latent.shape[0], 1, 1, 1, device=latent.device, dtype=latent.dtype)
+    return latent + sigma * std * torch.randn_like(latent)
+
+
 class TokenizerStageTask:
     """One stage of tokenizer training as an engine task: generator and discriminator losses.
 
@@ -183,6 +200,7 @@ class TokenizerStageTask:
         *,
         kl: KLConfig | None = None,
         vf: VFLoss | None = None,
+        decoder_noise: float = 0.0,
     ):
         if stage.semantic_loss != (semantic is not None):
             raise ValueError(f"stage {stage.number} needs semantic loss={stage.semantic_loss}")
@@ -195,7 +213,7 @@ class TokenizerStageTask:
         if semantic is not None and not isinstance(tokenizer, AlignTokTokenizer):
             raise ValueError(f"the semantic loss needs an AlignTok tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer, self.stage, self.recon_loss, self.semantic = tokenizer, stage, recon_loss, semantic
-        self.kl, self.vf = kl, vf
+        self.kl, self.vf, self.decoder_noise = kl, vf, decoder_noise
         apply_stage(tokenizer, stage)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -240,7 +258,7 @@ class TokenizerStageTask:
         x = batch["image"]
         tok = self.tokenizer
         encoded = self._encode(x)
-        recon = tok.decode(encoded.latent)
+        recon = tok.decode(add_decoder_noise(encoded.latent, self.decoder_noise))
         nll = self.recon_loss.nll_loss(x, recon)  # kept with its graph: the VF weight balances against it
         rec, logs = self.recon_loss.generator_loss(x, recon, step, tok.decoder_last_layer, nll=nll)
         total = rec
@@ -433,7 +451,8 @@ def train_tokenizer(
         vf = build_vf_loss(cfg, stage).to(dist.device) if stage.vf_loss else None
         recon_loss, carried = build_recon_loss(cfg, run_dir, stage, carry=start is None)
         task = TokenizerStageTask(
-            tokenizer, stage, recon_loss.to(dist.device), semantic, kl=cfg.kl if stage.kl_loss else None, vf=vf
+            tokenizer, stage, recon_loss.to(dist.device), semantic, kl=cfg.kl if stage.kl_loss else None, vf=vf,
+            decoder_noise=stage_cfg.decoder_noise,
         )
         per_rank = stage_cfg.train.batch_size // dist.world_size
 
