@@ -12,8 +12,8 @@ from aligntok.io import replace_atomically
 
 _TABLE_COLUMNS = (  # (results key, column title)
     ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("perceptual", "perceptual (CNN)"), ("rfd", "rFD"),
-    ("recon_class_accuracy", "reconstructions' class acc."), ("linear_probe", "linear probe"), ("gfd_unguided", "gFD w/o guidance"), ("gfd_guided", "gFD w/ guidance"),
-    ("class_accuracy_guided", "class acc. w/ guidance"),
+    ("recon_class_accuracy", "reconstructions' class acc."), ("linear_probe", "linear probe"),
+    ("gfd_unguided", "gFD w/o guidance"), ("gfd_guided", "gFD w/ guidance"), ("class_accuracy_guided", "class acc. w/ guidance"),
 )
 _CURVES = (  # (results key, file name, title, x label, log x)
     ("by_training_step", "gfd_vs_training_steps", "gFD vs DiT training steps (no guidance)", "DiT training step", False),
