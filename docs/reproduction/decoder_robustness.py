@@ -2,11 +2,12 @@
 
     python docs/reproduction/decoder_robustness.py RUN_DIR [--sigmas 0 0.1 0.2 0.3 0.5] [--out FILE.json]
 
-For every method and seed of a finished `aligntok reproduce` folder: encode the held-out images, add Gaussian noise
-of ``sigma`` times each channel's standard deviation (sigma is in the units the DiT works in: latents normalised
-per channel), decode, and measure the Fréchet distance to the originals and the class accuracy in the
-evaluation network's features (sigma = 0 is rFD and the reconstructions' class accuracy), and PSNR. Prints mean +- std
-over seeds. A VAE's decoder is trained on samples of its posterior; AlignTok's decodes exact latents.
+RUN_DIR: a finished `aligntok reproduce` folder, or one variant of dit_variants.py (OUT_DIR/NAME). For every
+method and seed in it: encode the held-out images, add Gaussian noise of ``sigma`` times each channel's standard
+deviation (sigma is in the units the DiT works in: latents normalised per channel), decode, and measure the
+Fréchet distance to the originals and the class accuracy in the evaluation network's features (sigma = 0 gives
+rFD and the reconstructions' class accuracy), and PSNR. Prints mean +- std over seeds. A VAE's decoder is trained
+on samples of its posterior; AlignTok's decodes exact latents.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main() -> None:
     shared = None
     for method in args.methods:
         results[method] = {}
-        for folder in sorted((args.run_dir / "runs" / method).glob("seed*")):
+        runs = args.run_dir / "runs" if (args.run_dir / "runs").is_dir() else args.run_dir  # or a dit_variants NAME
+        for folder in sorted((runs / method).glob("seed*")):
             cfg = load_config(ExperimentConfig, [yaml.safe_load((folder / "experiment.yaml").read_text())])
             e = Experiment(cfg, folder)
             if shared is None:
