@@ -118,17 +118,19 @@ class Progress:
         return child
 
 
-def claim_folder(directory: Path, kind: str, cfg: Any) -> None:
+def claim_folder(directory: Path, kind: str, cfg: Any) -> bool:
     """Record ``cfg`` in ``directory/KIND.yaml``; refuse (ConfigError) a folder holding another config's
-    results: they would be read back as this one's."""
+    results: they would be read back as this one's. Returns whether an earlier run had claimed it (this one
+    resumes)."""
     record = directory / f"{kind}.yaml"
     if record.is_file():
         if config_to_dict(load_config(type(cfg), record)) != config_to_dict(cfg):
             raise ConfigError(f"{directory} holds results of another {kind} config ({record}); "
                               "use a new output folder, or delete that one")
-        return
+        return True
     directory.mkdir(parents=True, exist_ok=True)
     save_config(cfg, record)
+    return False
 
 
 def duration_text(results: dict[str, Any]) -> str:

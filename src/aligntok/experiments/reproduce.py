@@ -211,8 +211,7 @@ def run_reproduce(out_dir: str | Path, *, preset: str = "quick", overrides: Sequ
 
     rcfg = load_reproduce_config(preset, overrides)
     out = Path(out_dir)
-    resumed = (out / "runs").is_dir()  # earlier invocations' time is not in this one's "seconds"
-    claim_folder(out, "reproduce", rcfg)
+    resumed = claim_folder(out, "reproduce", rcfg)  # then earlier invocations' time is not in "seconds"
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
     ensure_standins(rcfg.experiment, steps)

@@ -264,8 +264,7 @@ def run_reproduce_t2i(out_dir: str | Path, *, preset: str = "t2i-quick", overrid
 
     rcfg = load_t2i_reproduce_config(preset, overrides)
     out = Path(out_dir)
-    resumed = (out / "runs").is_dir()  # earlier invocations' time is not in this one's "seconds"
-    claim_folder(out, "reproduce", rcfg)
+    resumed = claim_folder(out, "reproduce", rcfg)  # then earlier invocations' time is not in "seconds"
     steps = Progress("reproduce", enabled=progress)
     runner = _Runner(rcfg, out, steps)
     shared = compute_once(out / "results" / "ceilings.json", runner.ceilings)
