@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
-import yaml
 
 from aligntok.config import load_config
 from aligntok.eval.images import to_uint8
 from aligntok.eval.recon import psnr
 from aligntok.experiments.pipeline import Experiment, ExperimentConfig, heldout_set
+from aligntok.experiments.reproduce import mean_std
 from aligntok.standins import evaluate_builtin
 
 
@@ -56,18 +55,16 @@ def main() -> None:
         results[method] = {}
         runs = args.run_dir / "runs" if (args.run_dir / "runs").is_dir() else args.run_dir  # or a dit_variants NAME
         for folder in sorted((runs / method).glob("seed*")):
-            cfg = load_config(ExperimentConfig, [yaml.safe_load((folder / "experiment.yaml").read_text())])
+            cfg = load_config(ExperimentConfig, folder / "experiment.yaml")
             e = Experiment(cfg, folder)
             if shared is None:
                 shared = (*heldout_set(cfg.eval, e.resolution, cfg.difficulty), e.eval_network)
             results[method][folder.name] = robustness(e, shared[0], shared[1], args.sigmas, shared[2])
         for sigma in map(str, args.sigmas):
-            fds = [r[sigma]["fd"] for r in results[method].values()]
-            accs = [r[sigma]["class_accuracy"] for r in results[method].values()]
-            spread = statistics.stdev(fds) if len(fds) > 1 else 0.0
-            psnrs = [r[sigma]["psnr"] for r in results[method].values()]
-            print(f"{method:9s} sigma {sigma:4s}  FD {statistics.fmean(fds):6.1f} ± {spread:4.1f}  "
-                  f"class acc. {100 * statistics.fmean(accs):5.1f}%  PSNR {statistics.fmean(psnrs):5.2f} dB")
+            fd, accuracy, db = (mean_std([r[sigma][key] for r in results[method].values()])
+                                for key in ("fd", "class_accuracy", "psnr"))
+            print(f"{method:9s} sigma {sigma:4s}  FD {fd['mean']:6.1f} ± {fd['std']:4.1f}  "
+                  f"class acc. {100 * accuracy['mean']:5.1f}%  PSNR {db['mean']:5.2f} dB")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -19,10 +19,7 @@ import argparse
 import dataclasses
 import json
 import shutil
-import statistics
 from pathlib import Path
-
-import yaml
 
 from aligntok.config import load_config
 from aligntok.experiments.pipeline import (
@@ -33,6 +30,7 @@ from aligntok.experiments.pipeline import (
     heldout_set,
     write_json,
 )
+from aligntok.experiments.reproduce import mean_std, steps_to_reach
 
 
 def variant_experiment(run_dir: Path, out: Path, method: str, seed: int, overrides: list[str],
@@ -40,8 +38,7 @@ def variant_experiment(run_dir: Path, out: Path, method: str, seed: int, overrid
     """RUN_DIR's experiment with ``overrides``, its tokenizer stages copied (those from ``retrain_from`` on
     trained again under the overrides)."""
     source = run_dir / "runs" / method / f"seed{seed}"
-    base = yaml.safe_load((source / "experiment.yaml").read_text())
-    cfg = load_config(ExperimentConfig, [base], overrides)
+    cfg = load_config(ExperimentConfig, source / "experiment.yaml", overrides)
     target = out / method / f"seed{seed}"
     claim_folder(target, "experiment", cfg)
     experiment = Experiment(cfg, target, Progress(f"{method}/seed{seed}"))
@@ -89,20 +86,18 @@ def summarize(per_run: dict[str, dict[int, dict]]) -> dict:
     for method, seeds in per_run.items():
         curves[method] = {}
         for kind in ("unguided", "guided"):
-            steps = sorted(next(iter(seeds.values()))[kind])
-            curves[method][kind] = [
-                {"step": s,
-                 "gfd": statistics.fmean(r[kind][s]["gfd"] for r in seeds.values()),
-                 "gfd_std": statistics.stdev([r[kind][s]["gfd"] for r in seeds.values()]) if len(seeds) > 1 else 0.0,
-                 "class_accuracy": statistics.fmean(r[kind][s]["class_accuracy"] for r in seeds.values())}
-                for s in steps
-            ]
+            points = []
+            for s in sorted(next(iter(seeds.values()))[kind]):
+                gfd = mean_std([r[kind][s]["gfd"] for r in seeds.values()])
+                accuracy = mean_std([r[kind][s]["class_accuracy"] for r in seeds.values()])
+                points.append({"step": s, "gfd": gfd["mean"], "gfd_std": gfd["std"], "class_accuracy": accuracy["mean"]})
+            curves[method][kind] = points
     reach = {}
     if "vae" in curves:
         for kind in ("unguided", "guided"):
             target = curves["vae"][kind][-1]["gfd"]
             reach[kind] = {"target": target, **{
-                method: next((p["step"] for p in curve[kind] if p["gfd"] <= target), None)
+                method: steps_to_reach([{"x": p["step"], "mean": p["gfd"]} for p in curve[kind]], target)
                 for method, curve in curves.items()}}
     return {"curves": curves, "steps_to_reach_vae_final_gfd": reach}
 
