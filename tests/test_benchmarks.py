@@ -52,8 +52,10 @@ def test_bench_dit_alternates_with_a_reference_checkout(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "models", raising=False)
     monkeypatch.delitem(sys.modules, "models.lightningdit", raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))  # load_reference prepends the checkout
-    results = _load("bench_dit").main([*TINY_DIT, "--reference-repo", str(tmp_path)])
+    results = _load("bench_dit").main([*TINY_DIT, "--reference-repo", str(tmp_path), "--profile"])
     assert results["train_speedup"] > 0 and results["sample_speedup"] > 0
+    # the profiled share of matmul / SDPA time is a real fraction of each model's step
+    assert 0 < results["shared_kernel_share_ours"] < 1 and 0 < results["shared_kernel_share_reference"] < 1
 
 
 def test_bench_tokenizer_measures_both_models_in_and_out_of_process():

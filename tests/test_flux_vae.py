@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 
 from aligntok.cli import main
 from aligntok.config import ConfigError, load_config
-from aligntok.data.latents import LatentDataset
+from aligntok.data.latent_dataset import LatentDataset
 from aligntok.diffusion.t2i_training import T2ITrainConfig, train_t2i
 from aligntok.models.diffusers_vae import DiffusersVAETokenizer, FluxVAEConfig
 from aligntok.models.text import build_tiny_text_encoders

@@ -183,7 +183,7 @@ def test_init_from_starts_a_fresh_run_from_a_model(setup, tiny_run, tmp_path):
 
 def test_cache_latents_with_captions_then_train_from_the_cache(setup, tmp_path, tiny_tokenizer):
     from aligntok.data.builtin import swap_left_right
-    from aligntok.data.latents import LatentDataset
+    from aligntok.data.latent_dataset import LatentDataset
     from aligntok.data.scenes import make_scene_graph
 
     tok = tiny_tokenizer(tmp_path / "tok", 8)

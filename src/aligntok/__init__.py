@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "build_dataset": "aligntok.data",
     "build_loader": "aligntok.data",
     "cache_latents": "aligntok.data.latents",
-    "LatentDataset": "aligntok.data.latents",
+    "LatentDataset": "aligntok.data.latent_dataset",
     "evaluate_reconstruction": "aligntok.eval.commands",
     "evaluate_tokenizer_probe": "aligntok.eval.commands",
     "evaluate_generation": "aligntok.eval.generation",

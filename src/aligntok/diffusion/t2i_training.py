@@ -215,7 +215,7 @@ def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> t
     import itertools
 
     from aligntok.data import collate_samples
-    from aligntok.data.latents import ChannelMoments
+    from aligntok.data.latent_dataset import ChannelMoments
     from aligntok.data.shards import ShardDataset
 
     if isinstance(dataset, ShardDataset):  # streamed: the first images of one reader over every shard
@@ -233,7 +233,7 @@ def latent_statistics(tokenizer, dataset, count: int, device: torch.device) -> t
 
 def _caption_cache(data: T2IDataConfig, tokenizer):
     """The latent cache of ``data.cache``, checked to hold captions and ``tokenizer``'s latents."""
-    from aligntok.data.latents import LatentDataset
+    from aligntok.data.latent_dataset import LatentDataset
 
     dataset = LatentDataset(data.cache)
     if not dataset.has_captions:

@@ -206,7 +206,7 @@ def train_dit(cfg: DiTTrainConfig, run_dir: str | Path) -> Path:
     the latents (channels, side, classes) and ValueError for data without labels or statistics.
     """
     from aligntok.data import build_dataset, build_loader
-    from aligntok.data.latents import LatentDataset
+    from aligntok.data.latent_dataset import LatentDataset
     from aligntok.models.lightningdit import build_from_state_dict
     from aligntok.training.distributed import init_distributed
     from aligntok.training.trainer import Trainer
