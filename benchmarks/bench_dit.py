@@ -15,6 +15,11 @@ one process (the machine may be shared), ``--repeats`` rounds; medians and the r
 (``compile_repeated_blocks``, as ``train.compile`` and ``sample --compile``) to the training and sampling
 rotations (the reference compiles its blocks itself, so this is like for like).
 
+``--profile`` runs each training step once more under ``torch.profiler`` and prints the share of its time
+spent in the kernels both models call with the same shapes (matmuls and SDPA, forward and backward: the
+ATen ops in ``SHARED_KERNELS``). With a reference, the reference's step over its own time in those kernels
+is the ceiling of any like-for-like rewrite (Amdahl's law: a model that did nothing else).
+
 Sampling: images/s for ``--sample-steps`` Euler steps with guidance on the interval [``--cfg-interval-start``,
 1]. Ours is :func:`aligntok.diffusion.sample` (one model call of batch B outside the interval); the
 reference's loop calls its ``forward_with_cfg`` on the doubled batch at every step, as its sampler does.
@@ -101,6 +106,28 @@ def alternate(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, dev
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+SHARED_KERNELS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_flash_attention_forward", "aten::_flash_attention_backward",
+    "aten::_efficient_attention_forward", "aten::_efficient_attention_backward",
+})  # fmt: skip
+
+
+def shared_kernel_share(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(seconds of one ``fn()`` call, the fraction of it in :data:`SHARED_KERNELS`), from ``torch.profiler``.
+
+    Self time of those ops (device time on CUDA, CPU time otherwise) over the profiled wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = timed(fn, device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    shared_us = sum(getattr(e, attr) for e in prof.key_averages() if e.key in SHARED_KERNELS)
+    return seconds, shared_us / 1e6 / seconds
+
+
 def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int, config: LightningDiTConfig,
                   device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:  # fmt: skip
     """One training step (forward, loss, backward, optimizer) on fixed random latents and labels."""
@@ -163,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="also time a copy of ours with its blocks compiled (compile_repeated_blocks)")
     parser.add_argument("--reference-repo", help="checkout of hustvl/LightningDiT to time the reference against")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each step's share in the matmul / SDPA kernels both models share, and the ceiling it sets")
     parser.add_argument("--sample-steps", type=int, default=30, help="Euler steps; 0 skips the sampling benchmark")
     parser.add_argument("--sample-batch", type=int, default=4)
     parser.add_argument("--sample-repeats", type=int, default=1)
@@ -210,6 +239,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             suffix = "" if name == "ours" else "_compiled"
             results[f"train_speedup{suffix}"] = medians["reference"] / medians[name]
             print(f"train step speed-up (reference / {name}): {results[f'train_speedup{suffix}']:.2f}x")
+    if args.profile:
+        for name, fn in steps.items():
+            seconds, share = shared_kernel_share(fn, device)
+            results[f"shared_kernel_share_{name}"] = share
+            print(f"{name:>13} profiled step: {seconds * 1e3:9.1f} ms, of which {share * seconds * 1e3:.1f} ms "
+                  f"({share:.1%}) in matmul / SDPA kernels")
+        if reference is not None:
+            ceiling = 1 / max(results["shared_kernel_share_reference"], 1e-9)
+            print(f"ceiling: a model calling the reference's matmul / SDPA kernels and nothing else would be "
+                  f"{ceiling:.2f}x the reference")
 
     if args.sample_steps > 0:
         ours.eval()
