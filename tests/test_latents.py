@@ -20,7 +20,11 @@ from safetensors.torch import load_file
 from aligntok.cli import main
 from aligntok.data import build_dataset, write_shards
 from aligntok.data import latents as latents_module
-from aligntok.data.latent_dataset import ChannelMoments, LatentDataset, read_cache_metadata
+from aligntok.data.latent_dataset import (
+    ChannelMoments,
+    LatentDataset,
+    read_cache_metadata,
+)
 from aligntok.data.latents import cache_latents
 from aligntok.models.tokenizer import AlignTokTokenizer, TokenizerConfig
 
