@@ -1,4 +1,5 @@
-"""The measurements behind docs/reproduction's "why" section compute what its README says they do."""
+"""The measurements behind docs/reproduction's and docs/reproduction-t2i's "why" sections compute what their
+READMEs say they do."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def _script(name: str, folder: str = "reproduction"):
+    spec = importlib.util.spec_from_file_location(name, DOCS / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,3 +47,17 @@ def test_dit_variants_summary_finds_the_first_step_at_the_vaes_final_gfd():
     assert summary["steps_to_reach_vae_final_gfd"]["unguided"] == {"target": 50, "aligntok": 1000, "vae": 1500}
     first = summary["curves"]["aligntok"]["guided"][0]
     assert first["step"] == 500 and first["gfd"] == 80 and first["gfd_std"] > 0
+
+
+def test_kind_probe_reads_the_window_around_a_cell_and_tells_signal_from_noise():
+    script = _script("kind_probe", "reproduction-t2i")
+    grid = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    window = script.windows(grid, torch.tensor([[0, 0], [2, 1]]))  # (column, row)
+    assert window[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 4, 5]  # zero padding above and left of the corner
+    assert window[1].tolist() == [17, 18, 19, 21, 22, 23, 25, 26, 27]
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(4, (600,), generator=generator)
+    signal = torch.nn.functional.one_hot(labels, 4).float() + 0.3 * torch.randn(600, 4, generator=generator)
+    noise = torch.randn(600, 4, generator=generator)
+    assert script.probe(signal, labels, 500, steps=300) > 0.95
+    assert script.probe(noise, labels, 500, steps=300) < 0.45
