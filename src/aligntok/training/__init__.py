@@ -11,9 +11,9 @@ from typing import Any
 
 _EXPORTS = {
     "Trainer": "aligntok.training.trainer",
-    "Task": "aligntok.training.trainer",
+    "Task": "aligntok.training.task",
     "TrainingAborted": "aligntok.training.trainer",
-    "FitResult": "aligntok.training.trainer",
+    "FitResult": "aligntok.training.task",
     "DistInfo": "aligntok.training.distributed",
     "init_distributed": "aligntok.training.distributed",
     "load_module_weights": "aligntok.training.checkpoint",

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
 
@@ -215,3 +216,48 @@ def fsdp_shard(module: nn.Module) -> None:
                 if any(True for _ in block.parameters()):
                     fully_shard(block)
     fully_shard(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full (gathered) state dicts; identical to plain state dicts unless modules are FSDP-sharded.
+# ----------------------------------------------------------------------------------------------
+
+
+def full_cpu_state(value: Any) -> Any:
+    """A state value with every DTensor gathered (a collective) and tensors moved to the CPU."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: full_cpu_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [full_cpu_state(v) for v in value]
+    return value
+
+
+def _placed_like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` (a full tensor) placed like ``reference`` (sharded as it is when it is a DTensor)."""
+    if isinstance(reference, DTensor) and value.shape == reference.shape:
+        return distribute_tensor(
+            value.to(reference.device_mesh.device_type), reference.device_mesh, reference.placements
+        )
+    return value
+
+
+def load_module_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a full state dict into ``module``, each tensor sharded like the module's own where it is a DTensor."""
+    current = module.state_dict()
+    module.load_state_dict({k: _placed_like(v, current[k]) if k in current else v for k, v in state.items()})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state dict, each per-parameter tensor sharded like its parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {
+        index: {
+            k: _placed_like(v, params[index]) if isinstance(v, Tensor) and v.dim() else v for k, v in values.items()
+        }
+        for index, values in state["state"].items()
+    }
+    optimizer.load_state_dict({**state, "state": sharded})

@@ -14,15 +14,14 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from aligntok.config import ConfigError, OptimConfig, TrainConfig, save_config
@@ -38,131 +37,23 @@ from aligntok.training.logging import (
     truncate_log,
 )
 from aligntok.training.optim import lr_factor, make_adamw
-
-LossOutput = Mapping[str, tuple[Tensor, Mapping[str, "Tensor | float"]]]
-LoaderFactory = Callable[[int], Iterator[dict]]
+from aligntok.training.task import (
+    SKIPPED_KEY,
+    FitResult,
+    LoaderFactory,
+    LossOutput,
+    Task,
+    checked_modules,
+    checked_param_groups,
+    split_batch,
+)
 
 __all__ = ["SKIPPED_KEY", "FitResult", "Task", "Trainer", "TrainingAborted", "split_batch"]
 
 log = logging.getLogger(__name__)
 
-SKIPPED_KEY = "skipped"  #: batch key where the data layer lists input files it had to skip
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # module / optimizer names become file names
-
-
-class Task(Protocol):
-    """What a model contributes to training; the engine owns everything else.
-
-    Optionally a task may define ``train_mode()``, which the engine calls before training instead of
-    ``module.train()`` on every module (so that frozen parts can stay in eval mode). Under FSDP, call
-    modules through ``forward`` (FSDP2 gathers a module's parameters in its forward hooks).
-    """
-
-    def modules(self) -> dict[str, nn.Module]:
-        """Every module whose state is checkpointed (frozen teachers and LPIPS nets are not listed)."""
-        ...
-
-    def optimizers(self) -> dict[str, list[nn.Parameter]]:
-        """One AdamW per entry, e.g. ``{"generator": [...], "discriminator": [...]}``; trainable only."""
-        ...
-
-    def ema_modules(self) -> list[str]:
-        """Names in :meth:`modules` that keep an EMA when ``train.ema_decay > 0``."""
-        ...
-
-    def losses(self, batch: dict, step: int) -> LossOutput:
-        """Per optimizer name: (scalar loss, logged parts). An absent name does not step this time.
-
-        Called once per micro-batch. Which names are present must depend only on ``step``.
-        """
-        ...
-
-
-@dataclasses.dataclass
-class FitResult:
-    """How :meth:`Trainer.fit` ended."""
-
-    step: int  #: completed optimizer steps
-    resumed_from: int | None  #: step of the checkpoint this call resumed from, None for a fresh start
-    nonfinite_steps: int  #: steps skipped for a non-finite loss or gradient, over the whole run
-    skipped_images: int  #: input files the data layer reported as skipped, over the whole run
-    checkpoint: Path | None  #: the newest complete checkpoint
-
-
-def split_batch(batch: dict, parts: int, expected_size: int | None = None) -> list[dict]:
-    """Cut every tensor / list in ``batch`` into ``parts`` equal slices along dim 0.
-
-    Other values (strings, numbers, 0-d tensors) are passed to every slice unchanged.
-    """
-    sizes: dict[str, int] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.dim() > 0:
-            sizes[key] = value.shape[0]
-        elif isinstance(value, (list, tuple)):
-            sizes[key] = len(value)
-    if not sizes:
-        raise ValueError(f"batch has no tensor or list to split (keys: {sorted(batch)})")
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"batch entries disagree on the batch size: {sizes}")
-    size = next(iter(sizes.values()))
-    if expected_size is not None and size != expected_size:
-        raise ValueError(
-            f"batch holds {size} samples but {expected_size} were expected (train.batch_size / world size)"
-        )
-    if size % parts:
-        raise ValueError(f"batch of {size} samples cannot be split into {parts} equal micro-batches")
-    chunk = size // parts
-    return [
-        {key: value[i * chunk : (i + 1) * chunk] if key in sizes else value for key, value in batch.items()}
-        for i in range(parts)
-    ]
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Full (gathered) state dicts; identical to plain state dicts unless modules are FSDP-sharded.
-# ----------------------------------------------------------------------------------------------
-
-
-def _full_cpu(value: Any) -> Any:
-    """A state value with every DTensor gathered (a collective) and tensors moved to the CPU."""
-    if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _full_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_full_cpu(v) for v in value]
-    return value
-
-
-def _like(value: Tensor, reference: Tensor) -> Tensor:
-    """``value`` (a full tensor) placed like ``reference`` (sharded as it is when it is a DTensor)."""
-    if isinstance(reference, DTensor) and value.shape == reference.shape:
-        return distribute_tensor(
-            value.to(reference.device_mesh.device_type), reference.device_mesh, reference.placements
-        )
-    return value
-
-
-def _load_module(module: nn.Module, state: dict[str, Tensor]) -> None:
-    current = module.state_dict()
-    module.load_state_dict({k: _like(v, current[k]) if k in current else v for k, v in state.items()})
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    sharded = {
-        index: {
-            k: _like(v, params[index]) if isinstance(v, Tensor) and v.dim() else v for k, v in values.items()
-        }
-        for index, values in state["state"].items()
-    }
-    optimizer.load_state_dict({**state, "state": sharded})
 
 
 @dataclasses.dataclass
@@ -219,7 +110,7 @@ class Trainer:
         self._check_config()
         require_backends(train.tensorboard, train.wandb)
 
-        self.modules = self._checked_modules(task.modules())
+        self.modules = checked_modules(task.modules())
         ema_names = list(task.ema_modules()) if train.ema_decay > 0 else []
         unknown = [n for n in ema_names if n not in self.modules]
         if unknown:
@@ -240,7 +131,7 @@ class Trainer:
                         distributed.fsdp_shard(self.emas[name].module)
 
         # Parameters are read after sharding: FSDP2 replaces them with DTensor parameters.
-        self.params = self._checked_param_groups(task.optimizers())
+        self.params = checked_param_groups(task.optimizers(), set(self.optim_configs), self.modules)
         # Under FSDP, per optimizer: the trainable parameters whose gradients its loss must not touch.
         trainable = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self._trainable_outside: dict[str, list[nn.Parameter]] = {}
@@ -281,45 +172,6 @@ class Trainer:
         if self.train.max_nonfinite < 1:
             raise ConfigError(f"train.max_nonfinite={self.train.max_nonfinite} must be >= 1")
 
-    def _checked_modules(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        if not isinstance(modules, dict) or not modules:
-            raise ValueError("task.modules() must return a non-empty dict of name -> nn.Module")
-        for name, module in modules.items():
-            if not isinstance(module, nn.Module):
-                raise ValueError(f"task.modules()['{name}'] is a {type(module).__name__}, not an nn.Module")
-            if not _NAME.match(name):
-                raise ValueError(f"module name {name!r} must use only letters, digits, '_', '-' and '.'")
-        return dict(modules)
-
-    def _checked_param_groups(self, groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
-        names, configured = set(groups), set(self.optim_configs)
-        if names != configured:
-            raise ConfigError(
-                f"task optimizers {sorted(names)} do not match the optimizer configs {sorted(configured)}"
-            )
-        owned = {id(p) for m in self.modules.values() for p in m.parameters()}
-        seen: dict[int, str] = {}
-        checked = {}
-        for name, params in groups.items():
-            if not _NAME.match(name):
-                raise ValueError(f"optimizer name {name!r} must use only letters, digits, '_', '-' and '.'")
-            params = list(params)
-            if not params:
-                raise ValueError(f"optimizer '{name}' has no parameters")
-            for param in params:
-                if not param.requires_grad:
-                    raise ValueError(f"optimizer '{name}' holds a parameter with requires_grad=False")
-                if id(param) not in owned:
-                    raise ValueError(
-                        f"optimizer '{name}' holds a parameter of no module in task.modules() "
-                        "(it would not be checkpointed)"
-                    )
-                if id(param) in seen:
-                    raise ValueError(f"a parameter is in both optimizer '{seen[id(param)]}' and '{name}'")
-                seen[id(param)] = name
-            checked[name] = params
-        return checked
-
     def _schedule(self, cfg: OptimConfig) -> Callable[[int], float]:
         total = self.train.steps
         return lambda step: lr_factor(step, cfg, total)
@@ -330,13 +182,13 @@ class Trainer:
 
     def model_state_dict(self, name: str) -> dict[str, Tensor]:
         """Full weights of module ``name`` on the CPU (gathered, so collective, under FSDP)."""
-        return _full_cpu(self.modules[name].state_dict())
+        return distributed.full_cpu_state(self.modules[name].state_dict())
 
     def ema_state_dict(self, name: str) -> dict[str, Tensor]:
         """Full fp32 EMA weights of module ``name`` on the CPU (gathered, so collective, under FSDP)."""
         if name not in self.emas:
             raise KeyError(f"module '{name}' keeps no EMA (ema_decay={self.train.ema_decay})")
-        return _full_cpu(self.emas[name].module.state_dict())
+        return distributed.full_cpu_state(self.emas[name].module.state_dict())
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -372,7 +224,7 @@ class Trainer:
         payload = ckpt.CheckpointPayload(
             models={name: self.model_state_dict(name) for name in self.modules},
             emas={name: self.ema_state_dict(name) for name in self.emas},
-            optimizers={name: _full_cpu(opt.state_dict()) for name, opt in self.optimizers.items()},
+            optimizers={name: distributed.full_cpu_state(opt.state_dict()) for name, opt in self.optimizers.items()},
             schedulers={name: sched.state_dict() for name, sched in self.schedulers.items()},
             trainer_state=self._trainer_state(),
             config_yaml=self._config_yaml(),
@@ -423,13 +275,13 @@ class Trainer:
                         f"config changes since: {changed}. Restore the model's settings or start a new run directory"
                     )
         for name, module in self.modules.items():
-            _load_module(module, ckpt.load_tensors(path / f"model_{name}.safetensors"))
+            distributed.load_module_state(module, ckpt.load_tensors(path / f"model_{name}.safetensors"))
         for name, ema in self.emas.items():
-            _load_module(ema.module, ckpt.load_tensors(path / f"ema_{name}.safetensors"))
+            distributed.load_module_state(ema.module, ckpt.load_tensors(path / f"ema_{name}.safetensors"))
             ema.num_updates = int(state["ema_updates"].get(name, 0))
         for name, optimizer in self.optimizers.items():
             file = ckpt.require_file(path / f"optimizer_{name}.pt", f"state of optimizer '{name}'")
-            _load_optimizer(optimizer, ckpt.load_state(file))
+            distributed.load_optimizer_state(optimizer, ckpt.load_state(file))
         for name, scheduler in self.schedulers.items():
             file = ckpt.require_file(path / f"scheduler_{name}.pt", f"schedule of optimizer '{name}'")
             scheduler.load_state_dict(ckpt.load_state(file))
@@ -461,7 +313,7 @@ class Trainer:
                 f"optimizer '{name}' in {checkpoint} holds parameter groups of sizes {saved_sizes}, this run's "
                 f"{current_sizes}: the module changed shape"
             )
-        _load_optimizer(optimizer, {**current, "state": saved["state"]})
+        distributed.load_optimizer_state(optimizer, {**current, "state": saved["state"]})
 
     def _restore(self) -> int | None:
         """Resume from the newest complete checkpoint (returning its step), else seed a fresh run."""
