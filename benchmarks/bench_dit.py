@@ -111,6 +111,7 @@ SHARED_KERNELS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
     "aten::_flash_attention_forward", "aten::_flash_attention_backward",
     "aten::_efficient_attention_forward", "aten::_efficient_attention_backward",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_cudnn_attention_backward",
 })  # fmt: skip
 
 
