@@ -52,6 +52,41 @@ def test_reconstruct_writes_input_and_reconstruction_pairs(tmp_path, capsys):
         assert image.shape == (16, 16, 3) and image.dtype == np.uint8
 
 
+def _tiny_tokenizer(directory: Path) -> Path:
+    cfg = TokenizerConfig(encoder="random", latent_channels=4, adapter_hidden=8)
+    cfg.decoder.base_channels, cfg.decoder.channel_mult, cfg.decoder.norm_groups = 8, [1, 2], 4
+    AlignTokTokenizer.from_config(cfg).save_pretrained(directory)
+    return directory
+
+
+def test_a_corrupt_weights_or_config_file_is_named_in_one_line_without_promising_a_rerun(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    weights = tok / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["reconstruct", str(tok), "builtin:shapes", "--out", str(tmp_path / "o"), "--resolution", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(weights) in err and "corrupt or truncated" in err and "re-run" not in err and "\n" not in err
+    _tiny_tokenizer(tmp_path / "tok2")
+    (tmp_path / "tok2" / "config.json").write_text('{"format": "aligntok-tok')
+    assert main(["reconstruct", str(tmp_path / "tok2"), "builtin:shapes", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "tok2" / "config.json") in err and "corrupt or truncated" in err and "\n" not in err
+
+
+def test_bad_input_found_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    images = tmp_path / "allbad"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (images / name).write_bytes(b"\x89PNG not really")
+    args = ["cache-latents", "--tokenizer", str(tok), "--data", str(images), "--resolution", "16",
+            "--num-workers", "1", "--out", str(tmp_path / "cache")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()  # the progress bar's line, then the error's
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("aligntok cache-latents: error: ")
+    assert "images in" in err.splitlines()[-1] and "unreadable" in err.splitlines()[-1]
+
+
 def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "nope"), "builtin:shapes", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -63,7 +98,8 @@ def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):
     [
         (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/model.safetensors"), 1, "No space left on device"),
         (OSError(errno.EIO, os.strerror(errno.EIO)), 1, "Input/output error"),
-        (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/x"), 1, "Permission denied"),
+        (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/x"), 1, "once the output is writable"),
+        (OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/x"), 1, "once the output is writable"),
         (KeyboardInterrupt(), 130, "interrupted"),
     ],
 )

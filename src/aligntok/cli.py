@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -456,14 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input or config: one line, no stack trace (use -v to see where it came from).
         if args.verbose:
             raise
-        print(f"aligntok {args.command}: error: {e}", file=sys.stderr)
+        print(f"aligntok {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except ENVIRONMENT_ERRORS as e:
         # The machine failed under the run (full disk, I/O error, permissions): every write is atomic, so
         # what was complete is intact and the same command picks up from there.
         if args.verbose:
             raise
-        print(f"aligntok {args.command}: error: {first_line(e)}; {_RERUN}", file=sys.stderr)
+        unwritable = isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS
+        hint = f"{_RERUN} once the output is writable" if unwritable else _RERUN
+        print(f"aligntok {args.command}: error: {first_line(e)}; {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"aligntok {args.command}: interrupted; {_RERUN}", file=sys.stderr)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,18 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Within the block, a corrupt or truncated ``path`` (a safetensors header or JSON that does not parse) is a
+    one-line ValueError naming the file: a re-run cannot mend it, unlike the storage errors the CLI reports."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); restore or re-create it") from None
 
 
 def read_json_document(path: Path, format_name: str, what: str, required: tuple[str, ...] = ()) -> dict[str, Any]:

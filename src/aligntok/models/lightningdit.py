@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aligntok.config import ConfigError, config_from_dict, config_to_dict
-from aligntok.io import read_json_document, write_directory_atomically
+from aligntok.io import read_json_document, reading, write_directory_atomically
 from aligntok.training.checkpoint import describe_state_mismatch, state_shapes
 
 CONFIG_FILE = "config.json"
@@ -497,7 +497,9 @@ class LightningDiT(nn.Module):
         if not weights_path.is_file():
             raise ValueError(f"not a LightningDiT directory: {weights_path} is missing")
         config = config_from_dict(LightningDiTConfig, document["config"])
-        model = build_from_state_dict(config, load_file(str(weights_path)), source=str(weights_path))
+        with reading(weights_path):
+            state = load_file(str(weights_path))
+        model = build_from_state_dict(config, state, source=str(weights_path))
         model.latent_stats = _checked_latent_stats(document.get("latent_stats"), config.in_channels, directory / CONFIG_FILE)
         model.sampler_settings = document.get("sampler")
         return model.to(device=device, dtype=dtype)

@@ -32,7 +32,7 @@ from torch import nn
 
 from aligntok.config import ConfigError, check_choice, config_from_dict, config_to_dict
 from aligntok.hub import model_card, resolve_directory
-from aligntok.io import write_directory_atomically
+from aligntok.io import reading, write_directory_atomically
 from aligntok.models.adapter import Adapter
 from aligntok.models.decoder import DecoderConfig, LatentDecoder
 from aligntok.models.encoders import (
@@ -298,14 +298,16 @@ class LatentTokenizer(nn.Module):
             raise TokenizerNotFoundError(
                 f"'{directory}' is not a saved aligntok tokenizer (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        document = json.loads(config_path.read_text())
-        if document.get("format") != FORMAT_NAME:
+        with reading(config_path):
+            document = json.loads(config_path.read_text())
+        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
             raise TokenizerNotFoundError(
                 f"{config_path} is not an aligntok tokenizer config (format={document.get('format')!r})"
             )
         # Directories written before the key existed are AlignTok tokenizers.
         tokenizer = tokenizer_class(document.get("method", ALIGNTOK_METHOD))._from_document(document)
-        missing, unexpected = load_model(tokenizer, str(weights_path), strict=False)
+        with reading(weights_path):
+            missing, unexpected = load_model(tokenizer, str(weights_path), strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{weights_path} does not match the architecture in {CONFIG_NAME}: "
