@@ -76,6 +76,25 @@ def test_pipeline_images_equal_aligntok_sample(tmp_path):
         pipe(class_labels=[3], num_inference_steps=2)
 
 
+def test_an_exported_pipeline_keeps_the_statistics_the_dit_was_trained_with(tmp_path, caplog):
+    dit = tiny_dit(tmp_path / "dit")
+    dit.latent_stats = {"mean": [0.3, 0.1, -0.2, 0.4], "std": [1.5, 0.7, 1.2, 0.9]}
+    dit.save_pretrained(tmp_path / "dit")
+    tiny_tokenizer(tmp_path / "tok")  # other statistics, as after cache-latents was run on it again
+    sampler = SamplerConfig(num_steps=8, cfg_scale=1.0)
+    sample_to_directory(tmp_path / "dit", tmp_path / "tok", tmp_path / "out", SampleConfig(num=4, seed=3, batch_size=4, sampler=sampler))
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        expected, labels = npz["arr_0"], npz["arr_1"]
+    caplog.clear()
+    assert main(["export-pipeline", "--dit", str(tmp_path / "dit"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "pipe")]) == 0
+    assert "differ from those the DiT was trained with" in caplog.text
+    pipe = AlignTokClassPipeline.from_pretrained(tmp_path / "pipe")
+    images = pipe(class_labels=labels.tolist(), num_inference_steps=8, guidance_scale=1.0,
+                  generator=[sample_generator(3, i) for i in range(4)], output_type="np").images
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+
 def test_export_saves_a_pipeline_that_diffusers_loads(tmp_path):
     tiny_dit(tmp_path / "dit")
     torch.manual_seed(2)

@@ -41,6 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from aligntok.config import config_from_dict, config_to_dict
 from aligntok.diffusion.samplers import batched_randn, guided_velocity
+from aligntok.diffusion.sampling import latent_statistics
 from aligntok.models.lightningdit import LightningDiT, LightningDiTConfig
 from aligntok.models.tokenizer import ALIGNTOK_METHOD, LatentTokenizer, tokenizer_class
 
@@ -78,8 +79,14 @@ class TokenizerModel(ModelMixin, ConfigMixin):
         self.tokenizer = tokenizer_class(document.get("method", ALIGNTOK_METHOD))._from_document(document)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: LatentTokenizer) -> TokenizerModel:
-        wrapper = cls(tokenizer._config_document())
+    def from_tokenizer(cls, tokenizer: LatentTokenizer, latent_stats: tuple[list[float], list[float]] | None = None) -> TokenizerModel:
+        """A copy of ``tokenizer``; ``latent_stats`` (mean, std) replace its statistics in the copy's config, which
+        is what ``save_pretrained`` writes."""
+        document = tokenizer._config_document()
+        if latent_stats is not None:
+            mean, std = latent_stats
+            document = {**document, "tokenizer": {**document["tokenizer"], "latent_mean": list(mean), "latent_std": list(std)}}
+        wrapper = cls(document)
         wrapper.tokenizer.load_state_dict(tokenizer.state_dict())
         return wrapper.eval()
 
@@ -178,13 +185,10 @@ class AlignTokClassPipeline(ShimmedPipeline):
         tok = tokenizer if isinstance(tokenizer, LatentTokenizer) else LatentTokenizer.from_pretrained(tokenizer)
         if dit.config.in_channels != tok.latent_channels:
             raise ValueError(f"the DiT makes {dit.config.in_channels}-channel latents, the tokenizer has {tok.latent_channels}")
-        vae = TokenizerModel.from_tokenizer(tok)
-        # A DiT that records the statistics it was trained with is de-normalised with those (aligntok sample does too).
-        recorded = getattr(dit, "latent_stats", None)
-        if recorded is not None:
-            vae.tokenizer.set_latent_stats(recorded["mean"], recorded["std"])
-        if vae.tokenizer.config.latent_mean is None:
-            raise ValueError("the tokenizer has no latent statistics to de-normalise with (run aligntok cache-latents)")
+        # De-normalised as `aligntok sample` does: with the statistics the DiT was trained with when it records
+        # them (a warning when the tokenizer's differ), written into the pipeline's tokenizer config.
+        mean, std, _ = latent_statistics(dit, tok)
+        vae = TokenizerModel.from_tokenizer(tok, latent_stats=(mean, std))
         return cls(LightningDiTTransformer.from_lightningdit(dit), vae, flow_match_scheduler(timestep_shift))
 
     @torch.no_grad()
