@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -83,6 +84,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     # Another config into the same folder would read this one's results back: refused in one line.
     assert main(["demo", "--preset", "minimal", "--out", str(out), "dit.train.steps=7"]) == 2
     assert "holds results of another experiment config" in capsys.readouterr().err
+    # So would another run's outputs in a folder no demo has claimed (here: this demo's DiT and latents).
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name in ("dit", "latents"):
+        shutil.copytree(out / name, foreign / name)
+    assert main(["demo", "--preset", "minimal", "--out", str(foreign), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already holds files but no experiment.yaml" in err and not (foreign / "experiment.yaml").exists()
 
 
 def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path, tiny_eval):

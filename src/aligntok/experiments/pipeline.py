@@ -120,14 +120,17 @@ class Progress:
 
 def claim_folder(directory: Path, kind: str, cfg: Any) -> bool:
     """Record ``cfg`` in ``directory/KIND.yaml``; refuse (ConfigError) a folder holding another config's
-    results: they would be read back as this one's. Returns whether an earlier run had claimed it (this one
-    resumes)."""
+    results, or files of anything else (no KIND.yaml): they would be read back as this run's. Returns whether
+    an earlier run had claimed it (this one resumes)."""
     record = directory / f"{kind}.yaml"
     if record.is_file():
         if config_to_dict(load_config(type(cfg), record)) != config_to_dict(cfg):
             raise ConfigError(f"{directory} holds results of another {kind} config ({record}); "
                               "use a new output folder, or delete that one")
         return True
+    if directory.is_dir() and any(directory.iterdir()):
+        raise ConfigError(f"{directory} already holds files but no {record.name}, so they are not this {kind}'s "
+                          "results; use a new or empty output folder")
     directory.mkdir(parents=True, exist_ok=True)
     save_config(cfg, record)
     return False
@@ -234,11 +237,12 @@ class Experiment:
         from aligntok.training.stages import train_tokenizer
 
         cfg = self.cfg.tokenizer
-        self._claim_folder()
+        self.claim_folder()
         self.progress.say(f"tokenizer ({cfg.method}, stages {', '.join(map(str, stages or tuple(cfg.stages)))})")
         return train_tokenizer(cfg, self.dir / "tokenizer", stages=stages)
 
-    def _claim_folder(self) -> None:
+    def claim_folder(self) -> None:
+        """Record this experiment's config in its folder, or refuse a folder holding something else's results."""
         claim_folder(self.dir, "experiment", self.cfg)
 
     def tokenizer_dir(self, stage: int | None = None) -> Path:

@@ -124,6 +124,7 @@ def _with_w_sp(cfg: ExperimentConfig, w_sp: float) -> ExperimentConfig:
 
 def _copy_stages(source: Experiment, target: Experiment, stages: Sequence[int]) -> None:
     """Start an ablation from another experiment's trained stages (copied: the latent cache writes into them)."""
+    target.claim_folder()
     for number in stages:
         destination = target.tokenizer_dir(number)
         if not (destination / "config.json").is_file():
