@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,22 @@ def test_imagenet_configs_start_the_gan_after_vavaes_2500_batches(name):
     first_batch = next(b for b in range(10_000) if steps_per_batch * b + 1 >= vavae_disc_start)
     cfg = load_config(TokenizerTrainConfig, CONFIGS / f"{name}.yaml")
     assert cfg.loss.gan_start == first_batch == 2500
+
+
+def test_rerunning_a_finished_run_with_other_settings_is_refused_and_keeps_its_recorded_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST]) == 0
+    recorded = (run / "config.yaml").read_text()
+    for change, named in (("model.latent_channels=8", "model.latent_channels: 4 -> 8"),
+                          ("stage1.train.steps=9", "stage1.train.steps")):
+        capsys.readouterr()
+        assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "stage 1 is finished" in err and named in err and "delete" in err and "\n" not in err
+        assert (run / "config.yaml").read_text() == recorded
+    # settings that change how a stage runs, not what it computes, keep the finished stage
+    assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, "stage1.train.log_every=3"]) == 0
+    # deleting the finished stage's output lets more steps extend it from its checkpoints
+    shutil.rmtree(run / "stage1")
+    assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, "stage1.train.steps=9"]) == 0
+    assert log_records(run)[-1]["step"] == 9

@@ -16,11 +16,14 @@ from aligntok.cli_t2i_eval import add_t2i_evaluate_parsers
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from aligntok.config import load_config, save_config
-    from aligntok.training.stages import TokenizerTrainConfig, train_tokenizer
+    from aligntok.training.stages import TokenizerTrainConfig, check_finished_stages, train_tokenizer
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    recorded = args.out / "config.yaml"
+    if recorded.is_file():  # a finished stage is skipped: refuse settings it was not made with
+        check_finished_stages(load_config(TokenizerTrainConfig, recorded), cfg, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, args.out / "config.yaml")
+    save_config(cfg, recorded)
     stages = (args.stage,) if args.stage else None  # None: every stage of the config's method
     for number, path in train_tokenizer(cfg, args.out, stages).items():
         print(f"stage {number}: {path}")

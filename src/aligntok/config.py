@@ -106,6 +106,25 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     return cfg  # type: ignore[return-value]
 
 
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between two nested config dicts (e.g. :func:`config_to_dict`
+    output or a loaded config.yaml): ``{"model.latent_channels": (16, 8), ...}``, sorted by key."""
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix.rstrip("."): tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(old), flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    """``key: old -> new, ...`` for :func:`config_changes` output, the first ``limit`` of them."""
+    text = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in list(changes.items())[:limit])
+    return text + (f" (+{len(changes) - limit} more)" if len(changes) > limit else "")
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
     write_text_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

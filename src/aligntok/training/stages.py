@@ -29,6 +29,9 @@ from aligntok.config import (
     OptimConfig,
     TrainConfig,
     check_choice,
+    config_changes,
+    config_to_dict,
+    describe_changes,
 )
 from aligntok.losses.reconstruction import ReconLossConfig, ReconstructionLoss
 from aligntok.losses.semantic import SemanticLossConfig, SemanticPreservationLoss
@@ -399,6 +402,29 @@ def build_vf_loss(cfg: TokenizerTrainConfig, stage: Stage) -> VFLoss:
     torch.manual_seed(cfg.stage(stage.number).train.seed)
     encoder = build_foundation_encoder(cfg.model)
     return VFLoss(cfg.vf, foundation_encoder=encoder, latent_channels=cfg.model.latent_channels)
+
+
+#: the last part of keys that change how a stage runs, not what it computes
+_RUN_ONLY_KEYS = frozenset({"num_workers", "log_every", "ckpt_every", "keep_last", "tensorboard", "wandb"})
+
+
+def check_finished_stages(previous: TokenizerTrainConfig, cfg: TokenizerTrainConfig, run_dir: str | Path) -> None:
+    """Raise a one-line ConfigError when a stage already finished in ``run_dir`` (so it would be skipped) was made
+    with other settings than ``cfg`` gives it: its own stage's and the shared ones (model, data, losses), not a
+    later stage's, nor those in :data:`_RUN_ONLY_KEYS`. ``previous``: the config the run recorded."""
+    changes = config_changes(config_to_dict(previous), config_to_dict(cfg))
+    for number in cfg.stages:
+        out = stage_output_dir(Path(run_dir), number)
+        if not (out / "config.json").is_file():
+            continue
+        later = tuple(f"stage{m}." for m in cfg.stages if m > number)
+        relevant = {k: v for k, v in changes.items()
+                    if not k.startswith(later) and k.rsplit(".", 1)[-1] not in _RUN_ONLY_KEYS}
+        if relevant:
+            raise ConfigError(
+                f"stage {number} is finished in {out} with other settings ({describe_changes(relevant)}); use a new "
+                f"--out, or delete {out} to redo it (its checkpoints resume: more steps extend it)"
+            )
 
 
 def _stages_to_run(cfg: TokenizerTrainConfig, requested: tuple[int, ...] | None) -> tuple[int, ...]:

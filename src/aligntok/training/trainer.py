@@ -24,7 +24,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from aligntok.config import ConfigError, OptimConfig, TrainConfig, save_config
+from aligntok.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    config_changes,
+    describe_changes,
+    save_config,
+)
 from aligntok.errors import TrainingAborted  # the CLI prints it as one line
 from aligntok.training import checkpoint as ckpt
 from aligntok.training import distributed
@@ -603,22 +610,14 @@ class Trainer:
         return names
 
 
-def _config_changes(saved: Path, current_yaml: str | None, limit: int = 6) -> str:
+def _config_changes(saved: Path, current_yaml: str | None) -> str:
     """``key: old -> new`` for every config value that differs between a checkpoint's config.yaml and the
     current run's ('' when either is unknown)."""
     import yaml
 
     if current_yaml is None or not saved.is_file():
         return ""
-
-    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(tree, dict):
-            return {prefix.rstrip("."): tree}
-        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
-    old, new = flat(yaml.safe_load(saved.read_text())), flat(yaml.safe_load(current_yaml))
-    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-    return ", ".join(changes[:limit]) + (f" (+{len(changes) - limit} more)" if len(changes) > limit else "")
+    return describe_changes(config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(current_yaml)))
 
 
 def _scalar(value: Tensor | float, key: str, device: torch.device) -> Tensor:
