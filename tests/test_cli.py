@@ -87,6 +87,27 @@ def test_bad_input_found_in_a_loader_worker_is_one_line(tmp_path, capsys):
     assert "images in" in err.splitlines()[-1] and "unreadable" in err.splitlines()[-1]
 
 
+def test_reconstruct_writes_each_readable_image_once_and_names_the_unreadable(tmp_path, capsys):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "recon"
+    out.mkdir()
+    for stale in ("00007_input.png", "00007_recon.png"):  # a previous run's pair beyond this one's
+        (out / stale).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert main(["reconstruct", str(tok), str(folder), "--out", str(out), "--num", "30", "--resolution", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 input/reconstruction pairs" in printed and "1 unreadable images skipped" in printed and "3.png" in printed
+    inputs = [np.asarray(Image.open(out / f"{i:05d}_input.png")) for i in range(3)]
+    assert len({a.tobytes() for a in inputs}) == 3  # no image twice
+    assert sorted(p.name for p in out.iterdir()) == [*(f"{i:05d}_{k}.png" for i in range(3) for k in ("input", "recon")), "notes.txt"]
+
+
 def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "nope"), "builtin:shapes", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

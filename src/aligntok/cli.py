@@ -32,8 +32,9 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 def _reconstruct(args: argparse.Namespace) -> None:
     from aligntok.inference import reconstruct_to_pngs
 
-    written = reconstruct_to_pngs(args.tokenizer, args.images, args.out, num=args.num, resolution=args.resolution)
-    print(f"wrote {written} input/reconstruction pairs to {args.out}")
+    written, skipped = reconstruct_to_pngs(args.tokenizer, args.images, args.out, num=args.num, resolution=args.resolution)
+    note = f" ({len(skipped)} unreadable images skipped, first: {skipped[0]})" if skipped else ""
+    print(f"wrote {written} input/reconstruction pairs to {args.out}{note}")
 
 
 def _evaluate_recon(args: argparse.Namespace) -> None:
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokenizer", help="tokenizer directory or hub id")
     p.add_argument("images", help="data spec: image folder, shards, or builtin:NAME")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--num", type=int, default=16, help="at most this many images (a seeded subset when the data holds more)")
     p.add_argument("--resolution", type=int, default=256, help="square crop side in pixels")
     p.set_defaults(func=_reconstruct)
     _add_evaluate_parser(sub)
