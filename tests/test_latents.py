@@ -106,7 +106,7 @@ def test_moments_merge_exactly():
     torch.testing.assert_close(merged.std, whole.std(dim=(0, 2, 3)))
 
 
-def test_a_rerun_after_deleting_a_shard_recomputes_only_that_shard(cached):
+def test_a_rerun_after_deleting_a_shard_recomputes_only_that_shard(cached, caplog):
     root, _, _ = cached
     cache = root / "cache"
     files = shard_files(cache)
@@ -120,6 +120,10 @@ def test_a_rerun_after_deleting_a_shard_recomputes_only_that_shard(cached):
     after = load_file(str(cache / "shard-00001.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not list(cache.glob(".shard-*"))
+    # the same statistics again: nothing to warn about; other data's do replace them, with a warning
+    assert "replacing the latent statistics" not in caplog.text
+    cache_latents(root / "tok", "builtin:shapes-centered", root / "other", progress=False, **SETTINGS)
+    assert "replacing the latent statistics" in caplog.text
 
 
 def test_a_rerun_with_other_settings_is_refused(cached):

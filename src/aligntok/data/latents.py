@@ -385,7 +385,10 @@ def cache_latents(
         # Normalisation constants live in the tokenizer's config; reload on the CPU so that exactly the
         # saved weights are written back.
         updated = AlignTokTokenizer.from_pretrained(tokenizer_dir)
-        if updated.config.latent_mean not in (None, metadata["latent_mean"]):
+        recorded = (updated.config.latent_mean, updated.config.latent_std)
+        # the config keeps them as float32 values (set_latent_stats): compare in that precision
+        fresh = tuple(torch.tensor(metadata[k], dtype=torch.float32).tolist() for k in ("latent_mean", "latent_std"))
+        if recorded[0] is not None and recorded != fresh:
             log.warning(
                 "replacing the latent statistics recorded in %s; DiTs trained on the old ones keep theirs in "
                 "their model directory and are still sampled with them", tokenizer_dir,
