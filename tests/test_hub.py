@@ -138,6 +138,26 @@ def test_pushing_something_else_is_a_one_line_error(tmp_path, hub, capsys):
     assert hub == []
 
 
+def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import errors
+
+    if not isinstance(getattr(errors, "HTTPError", None), type):
+        pytest.skip("this huggingface_hub has no HTTP client error base to raise")
+
+    class NoNetwork(errors.HTTPError):  # what the hub's HTTP client raises without a network (not an OSError)
+        pass
+
+    def create_repo(self, *args, **kwargs):
+        raise NoNetwork("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    tiny_dit().save_pretrained(tmp_path / "model")
+    assert main(["push-to-hub", str(tmp_path / "model"), "me/tiny-dit"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach the Hugging Face Hub to push me/tiny-dit" in err and "Name or service" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
 def fake_hub_cache(hf_home: Path, repo_id: str, folder: Path, subfolder: str = "") -> None:
     """The Hugging Face cache layout (hub/models--ORG--NAME/{refs/main, snapshots/COMMIT/...}) holding ``folder``."""
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -132,11 +132,18 @@ def upload_directory(
 ) -> str:
     """Create ``repo_id`` (a model repository) if it does not exist and upload ``directory`` as one commit.
 
-    Returns the commit's URL. Network and authentication errors come from huggingface_hub.
+    Returns the commit's URL. Authentication and HTTP errors come from huggingface_hub (OSErrors); a Hub that
+    cannot be reached (no network, DNS) raises ConnectionError, also an OSError, in one line.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, errors
 
+    transport_error = getattr(errors, "HTTPError", ())  # its HTTP client's base error (httpx's ConnectError, ...)
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=commit_message)
+    except OSError:
+        raise
+    except transport_error as e:
+        raise ConnectionError(f"cannot reach the Hugging Face Hub to push {repo_id}: {e}") from e
     return str(getattr(info, "commit_url", info))
