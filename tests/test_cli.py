@@ -138,6 +138,24 @@ def test_the_machine_failing_under_a_command_is_one_line_saying_a_rerun_finishes
     assert expected in err and "re-run the same command" in err and "\n" not in err and "Traceback" not in err
 
 
+def test_an_interrupt_turned_into_a_writers_error_is_still_an_interrupt(tmp_path, capsys, monkeypatch):
+    import aligntok.inference
+
+    def interrupted_write(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:  # what torch.save's zip writer does on its way out
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9853568 vs 9853460") from None
+
+    monkeypatch.setattr(aligntok.inference, "reconstruct_to_pngs", interrupted_write)
+    assert main(["reconstruct", "tok", "builtin:shapes", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "interrupted" in err and "re-run the same command" in err and "\n" not in err
+    monkeypatch.setattr(aligntok.inference, "reconstruct_to_pngs", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug stays a traceback
+        main(["reconstruct", "tok", "builtin:shapes", "--out", str(tmp_path / "o")])
+
+
 class _UnreadableDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1

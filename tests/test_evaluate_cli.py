@@ -416,3 +416,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir, capsys):
                          "--num", "2", "--resolution", "33", "--num-workers", "0", "--no-rfid", "--lpips", "none",
                          "--out", str(tmp_path / "r.json")], capsys)
     _assert_one_line_error(code, err, "stride")
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_evaluation(tmp_path, monkeypatch, capsys):
+    import aligntok.eval.commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran although its result could not be written")
+
+    monkeypatch.setattr(aligntok.eval.commands, "evaluate_reconstruction", never)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "r.json"  # its folder cannot be made
+    assert main(["evaluate", "recon", "--tokenizer", "tok", "--data", "builtin:shapes", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "file") in err and "\n" not in err
+    # a missing source with no --out names the real problem
+    assert main(["evaluate", "gen", "--samples", str(tmp_path / "nope.npz"), "--ref", "x.npz"]) == 2
+    assert "nope.npz does not exist here" in capsys.readouterr().err

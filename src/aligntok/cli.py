@@ -39,9 +39,9 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 def _evaluate_recon(args: argparse.Namespace) -> None:
     from aligntok.eval.commands import evaluate_reconstruction
-    from aligntok.eval.results import default_output_path
+    from aligntok.eval.results import output_path
 
-    out = args.out or default_output_path(args.tokenizer, "recon")  # checked before the long run
+    out = output_path(args.out, args.tokenizer, "recon")  # checked before the long run
     result = evaluate_reconstruction(
         args.tokenizer, args.data, resolution=args.resolution, num=args.num, batch_size=args.batch_size,
         num_workers=args.num_workers, seed=args.seed, lpips_net=None if args.lpips == "none" else args.lpips,
@@ -53,9 +53,9 @@ def _evaluate_recon(args: argparse.Namespace) -> None:
 
 def _evaluate_gen(args: argparse.Namespace) -> None:
     from aligntok.eval import evaluate_generation
-    from aligntok.eval.results import default_output_path
+    from aligntok.eval.results import output_path
 
-    out = args.out or default_output_path(args.samples, "gen")
+    out = output_path(args.out, args.samples, "gen")  # checked before the long run
     result = evaluate_generation(
         args.samples, args.ref, inception_weights=args.inception_weights,
         dinov2=None if args.dinov2 == "none" else args.dinov2, batch_size=args.batch_size, is_split_size=args.is_split_size,
@@ -66,9 +66,9 @@ def _evaluate_gen(args: argparse.Namespace) -> None:
 
 def _evaluate_probe(args: argparse.Namespace) -> None:
     from aligntok.eval.commands import evaluate_tokenizer_probe
-    from aligntok.eval.results import default_output_path
+    from aligntok.eval.results import output_path
 
-    out = args.out or default_output_path(args.tokenizer, "probe")
+    out = output_path(args.out, args.tokenizer, "probe")  # checked before the long run
     result = evaluate_tokenizer_probe(
         args.tokenizer, args.data, test_data=args.test_data, resolution=args.resolution, num=args.num,
         test_num=args.test_num, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
@@ -475,7 +475,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aligntok {args.command}: interrupted; {_RERUN}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _interrupted(e):
+            raise
+        # Ctrl-C inside a writer (torch.save's zip file) can surface as the writer's own error on cleanup
+        print(f"aligntok {args.command}: interrupted; {_RERUN}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the errors ``error`` was raised while handling."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
 
 
 _RERUN = "complete checkpoints and results are intact: re-run the same command to finish"

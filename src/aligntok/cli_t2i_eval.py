@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def _evaluate_t2i(args: argparse.Namespace) -> None:
-    from aligntok.eval.results import default_output_path, publish_result
+    from aligntok.eval.results import output_path, publish_result
     from aligntok.eval.t2i import evaluate_t2i
 
-    out = args.out or default_output_path(args.samples, "t2i")
+    out = output_path(args.out, args.samples, "t2i")  # checked before the long run
     result = evaluate_t2i(args.samples, args.prompts, clip=args.clip, pickscore=args.pickscore, hpsv2=args.hpsv2,
                           hpsv2_arch=args.hpsv2_arch, ref=args.ref,
                           inception_weights=args.inception_weights, allow_download=not args.offline,
@@ -21,9 +21,9 @@ def _evaluate_t2i(args: argparse.Namespace) -> None:
 
 def _evaluate_geneval_summary(args: argparse.Namespace) -> None:
     from aligntok.eval.geneval import evaluate_geneval_summary
-    from aligntok.eval.results import default_output_path, publish_result
+    from aligntok.eval.results import output_path, publish_result
 
-    out = args.out or default_output_path(args.results, "geneval")
+    out = output_path(args.out, args.results, "geneval")  # checked before the long run
     publish_result("geneval", evaluate_geneval_summary(args.results), out)
 
 

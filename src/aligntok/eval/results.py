@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,21 @@ def default_output_path(source: str | os.PathLike, kind: str) -> Path:
     """``SOURCE.eval-KIND.json`` beside a local file or directory (e.g. ``runs/x/stage3.eval-recon.json``)."""
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"{source} is not a local file or directory: pass --out FILE.json")
+        raise ValueError(f"{source} does not exist here (a hub id has no folder to write beside): check the path, "
+                         "or pass --out FILE.json")
     name = path.stem if path.is_file() else path.resolve().name
     return path.resolve().parent / f"{name}.eval-{kind}.json"
+
+
+def output_path(out: str | os.PathLike | None, source: str | os.PathLike, kind: str) -> Path:
+    """Where an evaluate command writes: ``out``, else :func:`default_output_path`; its folder is made and a file
+    written there and removed, so an unwritable output fails before the evaluation runs, not after it
+    (PermissionError / OSError, which the CLI reports in one line)."""
+    path = Path(out) if out is not None else default_output_path(source, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        pass
+    return path
 
 
 def _strict_json(value: Any) -> Any:
