@@ -94,7 +94,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     assert "already holds files but no experiment.yaml" in err and not (foreign / "experiment.yaml").exists()
 
 
-def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path, tiny_eval):
+def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path, tiny_eval, caplog):
     out = tmp_path / "reproduce"
     run_reproduce(out, preset="minimal", overrides=["experiment.eval.eval_network=tiny"], progress=False)
     results = json.loads((out / "results.json").read_text())
@@ -133,8 +133,12 @@ def test_reproduce_compares_methods_over_seeds_with_ablation_and_curves(tmp_path
     main_stage1 = (runs / "aligntok" / "seed0" / "tokenizer" / "stage1" / "model.safetensors").read_bytes()
     ablation = runs / "ablation" / "seed0"
     assert (ablation / "stages12_w_sp0" / "tokenizer" / "stage1" / "model.safetensors").read_bytes() == main_stage1
-    assert not (ablation / "stages12_w_sp1" / "tokenizer" / "train").exists()  # copied, not retrained
+    # copied with its training folder, not retrained
+    main_log = (runs / "aligntok" / "seed0" / "tokenizer" / "train" / "stage2" / "log.jsonl").read_text()
+    assert (ablation / "stages12_w_sp1" / "tokenizer" / "train" / "stage2" / "log.jsonl").read_text() == main_log
     assert (ablation / "stages12_w_sp0" / "tokenizer" / "train" / "stage2").is_dir()
+    # so the retrained stage 2 continues stage 1's discriminator, as the main run's did
+    assert "discriminator cannot be carried over" not in caplog.text
     for plot in ("gfd_vs_training_steps", "gfd_vs_sampling_steps", "gfd_vs_cfg_scale"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.html").read_text()

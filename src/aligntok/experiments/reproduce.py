@@ -123,13 +123,18 @@ def _with_w_sp(cfg: ExperimentConfig, w_sp: float) -> ExperimentConfig:
 
 
 def _copy_stages(source: Experiment, target: Experiment, stages: Sequence[int]) -> None:
-    """Start an ablation from another experiment's trained stages (copied: the latent cache writes into them)."""
+    """Start an ablation from another experiment's trained stages (copied: the latent cache writes into them),
+    with their training folders, whose last checkpoint hands the next stage its discriminator as in ``source``."""
+    from aligntok.training.stages import stage_train_dir
+
     target.claim_folder()
     for number in stages:
         destination = target.tokenizer_dir(number)
         if not (destination / "config.json").is_file():
-            shutil.rmtree(destination, ignore_errors=True)
-            shutil.copytree(source.tokenizer_dir(number), destination)
+            for get in (lambda e: e.tokenizer_dir(number), lambda e: stage_train_dir(e.dir / "tokenizer", number)):
+                shutil.rmtree(get(target), ignore_errors=True)
+                if get(source).is_dir():
+                    shutil.copytree(get(source), get(target))
 
 
 class _Runner:
