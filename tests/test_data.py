@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +389,24 @@ def test_shards_round_trip_labels_and_captions(shards):
             seen.append(caption)
     assert sorted(seen) == sorted(by_caption)
     assert build_dataset(paths[0], 16).shards == [paths[0]]  # one .tar path is a spec too
+
+
+def test_a_truncated_shard_keeps_every_sample_before_the_damage_and_counts_what_it_reads(tmp_path):
+    from aligntok.data.shards import _count_samples, _read_shard
+
+    whole = tmp_path / "whole.tar"
+    with TarWriter(str(whole)) as sink:
+        for key in ("a", "b"):
+            sink.write({"__key__": key, "bin": np.random.default_rng(0).bytes(3000), "cls": b"1"})
+    data = whole.read_bytes()
+    for cut, expected in ((len(data), ["a", "b"]), (6120, ["a"]), (100, [])):  # 6120: inside b's first file
+        cut_file = tmp_path / f"cut{cut}.tar"
+        cut_file.write_bytes(data[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            keys = [sample["__key__"] for sample in _read_shard(str(cut_file))]
+        assert keys == expected and _count_samples(str(cut_file)) == len(expected)
+        assert bool(caught) == (cut < len(data) - 1024)  # a warning for the damage (not for the end padding)
 
 
 @pytest.mark.parametrize("layout", ["shard_per_reader", "no_metadata", "shared_shard"])

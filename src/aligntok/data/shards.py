@@ -169,26 +169,38 @@ def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
 def _read_shard(path: str) -> Iterator[dict]:
     """Raw samples (``__key__``, ``__url__`` and undecoded entries) of one shard, in file order.
 
-    A corrupt or truncated tar ends its shard with a warning instead of stopping the run; the
-    same happens in every epoch, so streams stay deterministic.
+    A corrupt or truncated tar ends its shard with a warning instead of stopping the run, after the last
+    sample whose files were read whole; the same happens in every epoch, so streams stay deterministic.
     """
-    try:
-        with open(path, "rb") as stream:
-            entries = ({**entry, "__url__": path} for entry in tar_file_iterator(stream))
-            yield from group_by_keys(entries)
-    except (tarfile.TarError, OSError, ValueError) as e:
+    damage: list[BaseException] = []
+
+    def entries() -> Iterator[dict]:
+        # The damage ends the entries, not the grouping: the sample being grouped is still yielded.
+        try:
+            with open(path, "rb") as stream:
+                yield from ({**entry, "__url__": path} for entry in tar_file_iterator(stream))
+        except (tarfile.TarError, OSError, ValueError) as e:
+            damage.append(e)
+
+    yield from group_by_keys(entries())
+    if damage:
+        e = damage[0]
         warnings.warn(f"shard {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                       "skipping the rest of it", stacklevel=2)
 
 
 def _count_samples(path: str) -> int:
-    """Samples in one shard from its tar headers only (seeks over the data)."""
+    """Samples in one shard from its tar headers only (seeks over the data); a member whose data the file
+    does not hold whole is not counted, as :func:`_read_shard` cannot read it."""
     count, previous = 0, None
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as archive:
             for member in archive:
                 if not member.isreg():
                     continue
+                if member.offset_data + member.size > size:
+                    break
                 prefix, _ = base_plus_ext(member.name)
                 if prefix is not None and prefix != previous and not os.path.basename(member.name).startswith("__"):
                     count, previous = count + 1, prefix
