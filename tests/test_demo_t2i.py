@@ -35,6 +35,9 @@ def test_minimal_demo_t2i_runs_end_to_end(tmp_path, capsys):
     again = json.loads((out / "metrics.json").read_text())
     assert again["geneval_overall"] == metrics["geneval_overall"] and "FLUX-tiny training" in again["timings_seconds"]
     assert "stand-in judge training" not in again["timings_seconds"]
+    # Another config into the same folder would read this one's models back: refused in one line.
+    assert main(["demo-t2i", *options, "t2i.train.steps=3"]) == 2
+    assert "holds results of another demo-t2i config" in capsys.readouterr().err
 
 
 def test_a_reused_tokenizer_keeps_its_latents_and_gets_its_decoder_fine_tuned(tmp_path):

@@ -289,6 +289,9 @@ def test_token_pixels_sets_the_packing_and_sampling_follows_it(setup, tmp_path):
     assert images.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="multiples of 32"):
         generator.latent_size(48, 48)  # a 3x3 latent cannot be packed 2x2
+    with pytest.raises(ValueError, match="positive multiples"):
+        generator.latent_size(0, 0)  # not the default resolution
+    assert generator.latent_size(None, None) == (4, 4)
 
 
 def test_token_pixels_not_a_multiple_of_the_stride_is_a_config_error(setup, tmp_path):

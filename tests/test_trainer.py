@@ -220,6 +220,14 @@ def test_interrupted_and_resumed_run_matches_a_straight_run_bitwise(tmp_path):
     assert steps == list(range(1, 8))
 
 
+def test_fewer_steps_than_the_latest_checkpoint_is_refused_and_more_extend_the_run(tmp_path):
+    toy_trainer(tmp_path / "run", steps=6).fit()  # checkpoints at 3 and 6
+    with pytest.raises(ValueError, match=r"train.steps=4: its latest checkpoint is at step 6; use train.steps >= 6"):
+        toy_trainer(tmp_path / "run", steps=4).fit()
+    result = toy_trainer(tmp_path / "run", steps=7).fit()
+    assert result.resumed_from == 6 and result.step == 7
+
+
 def test_a_different_data_position_would_be_noticed(tmp_path):
     """Guards the bitwise test above: the comparison is sensitive to the data stream."""
     straight = toy_trainer(tmp_path / "a")

@@ -125,7 +125,8 @@ class T2IGenerator:
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         stride, multiple = self.tokenizer.stride, self.tokenizer.stride * self.model.config.pack
-        height, width = height or self.resolution, width or self.resolution
+        height = self.resolution if height is None else height  # 0 is an error, not the default
+        width = self.resolution if width is None else width
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple} px, got {height}x{width}")
         return height // stride, width // stride

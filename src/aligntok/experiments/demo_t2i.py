@@ -169,7 +169,7 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
         score_images,
     )
     from aligntok.eval.t2i import CLIPScorer
-    from aligntok.experiments.pipeline import write_json
+    from aligntok.experiments.pipeline import claim_folder, write_json
     from aligntok.standins.scene_clip import retrieval_accuracy
 
     if preset not in PRESETS:
@@ -178,7 +178,7 @@ def run_demo_t2i(out_dir: str | Path, *, preset: str = "demo", overrides: list[s
     files = [preset_path("demo")] + ([preset_path(preset)] if preset != "demo" else [])
     cfg = load_config(DemoT2IConfig, files, list(overrides))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "demo-t2i", cfg)  # a folder of another config's (or anything's) results is refused
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args, **kwargs):

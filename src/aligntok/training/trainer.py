@@ -343,6 +343,11 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to ``train.steps``, resuming from ``out_dir``'s newest complete checkpoint if any."""
         resumed_from = self._restore()
+        if self.step > self.train.steps:  # it would stop there and export the later weights as this config's
+            raise ValueError(
+                f"cannot train {self.out_dir} to train.steps={self.train.steps}: its latest checkpoint is at step "
+                f"{self.step}; use train.steps >= {self.step}, or a new run directory"
+            )
         main = self.dist.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
