@@ -16,7 +16,11 @@ from aligntok.cli_t2i_eval import add_t2i_evaluate_parsers
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from aligntok.config import load_config, save_config
-    from aligntok.training.stages import TokenizerTrainConfig, check_finished_stages, train_tokenizer
+    from aligntok.training.stages import (
+        TokenizerTrainConfig,
+        check_finished_stages,
+        train_tokenizer,
+    )
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     recorded = args.out / "config.yaml"
@@ -86,17 +90,21 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _demo_t2i(args: argparse.Namespace) -> None:
     from aligntok.experiments.demo_t2i import run_demo_t2i
+    from aligntok.experiments.pipeline import torch_threads
 
-    print(f"report: {run_demo_t2i(args.out, preset=args.preset, overrides=args.overrides)}")
+    with torch_threads(args.threads):
+        print(f"report: {run_demo_t2i(args.out, preset=args.preset, overrides=args.overrides)}")
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    from aligntok.experiments.pipeline import torch_threads
     from aligntok.experiments.reproduce import run_reproduce
     from aligntok.experiments.reproduce_t2i import PRESETS as T2I_PRESETS
     from aligntok.experiments.reproduce_t2i import run_reproduce_t2i
 
     run = run_reproduce_t2i if args.preset in T2I_PRESETS else run_reproduce
-    report = run(args.out, preset=args.preset, overrides=args.overrides)
+    with torch_threads(args.threads):
+        report = run(args.out, preset=args.preset, overrides=args.overrides)
     print(f"report: {report}")
 
 
@@ -281,7 +289,10 @@ def _sample_t2i(args: argparse.Namespace) -> None:
 
 
 def _import_lightningdit(args: argparse.Namespace) -> None:
-    from aligntok.models.lightningdit_import import import_lightningdit_checkpoint, preset_of
+    from aligntok.models.lightningdit_import import (
+        import_lightningdit_checkpoint,
+        preset_of,
+    )
 
     model = import_lightningdit_checkpoint(args.checkpoint, args.out, preset=args.preset)
     count = sum(p.numel() for p in model.parameters())
@@ -366,6 +377,7 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-t2i", help="text-to-image in miniature, offline: FLUX-tiny on scenes, miniature GenEval, report.html")
     p.add_argument("--out", type=Path, default=Path("aligntok-demo-t2i"), help="output folder; re-running resumes")
     p.add_argument("--preset", choices=("demo", "minimal"), default="demo", help="demo (default) or minimal (a smoke test)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own setting)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. t2i.train.steps=300")
     p.set_defaults(func=_demo_t2i)
 
@@ -374,6 +386,7 @@ def _add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=("quick", "full", "minimal", "t2i-quick", "t2i-full", "t2i-minimal"),
                    default="quick", help="class-to-image: quick (<20 min on 2 CPU cores), full (<2 h) or minimal (a "
                    "smoke test); text-to-image (AlignTok vs FLUX VAE vs VAE on scenes): t2i-quick, t2i-full, t2i-minimal")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own setting)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every experiment's config")
     p.set_defaults(func=_reproduce)
 

@@ -23,6 +23,7 @@ from aligntok.experiments.pipeline import (
     ExperimentConfig,
     Progress,
     ensure_standins,
+    torch_threads,
     write_json,
 )
 
@@ -58,15 +59,8 @@ def run_demo(out_dir: str | Path, *, preset: str = "demo", overrides: list[str] 
     ``threads``: torch's CPU threads for the run (0: leave torch's setting); the demo's time budget is
     for a 2-core machine, where more threads than cores only add contention.
     """
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _run_demo(out_dir, preset, overrides, progress)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_demo(out_dir: str | Path, preset: str, overrides: list[str], progress: bool) -> Path:

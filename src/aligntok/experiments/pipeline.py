@@ -18,6 +18,7 @@ features, not Inception FIDs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -134,6 +135,21 @@ def claim_folder(directory: Path, kind: str, cfg: Any) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     save_config(cfg, record)
     return False
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Within the block torch uses ``threads`` CPU threads (0: its own setting); ValueError below 0. More
+    threads than free cores only add contention (OpenMP barriers), so the demos and reproductions take it."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def duration_text(results: dict[str, Any]) -> str:

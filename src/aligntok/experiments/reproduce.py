@@ -129,12 +129,13 @@ def _copy_stages(source: Experiment, target: Experiment, stages: Sequence[int]) 
 
     target.claim_folder()
     for number in stages:
-        destination = target.tokenizer_dir(number)
-        if not (destination / "config.json").is_file():
-            for get in (lambda e: e.tokenizer_dir(number), lambda e: stage_train_dir(e.dir / "tokenizer", number)):
-                shutil.rmtree(get(target), ignore_errors=True)
-                if get(source).is_dir():
-                    shutil.copytree(get(source), get(target))
+        if (target.tokenizer_dir(number) / "config.json").is_file():
+            continue
+        for src, dst in ((source.tokenizer_dir(number), target.tokenizer_dir(number)),
+                         (stage_train_dir(source.dir / "tokenizer", number), stage_train_dir(target.dir / "tokenizer", number))):
+            shutil.rmtree(dst, ignore_errors=True)
+            if src.is_dir():
+                shutil.copytree(src, dst)
 
 
 class _Runner:
