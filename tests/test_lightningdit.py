@@ -357,6 +357,11 @@ def test_importer_infers_the_preset_and_checks_a_given_one(tmp_path):
     torch.save({"model": odd.state_dict()}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="holds depth=1, hidden_size=64, patch_size=1, which is no LightningDiT preset"):
         import_lightningdit_checkpoint(tmp_path / "odd.pt", tmp_path / "out4")
+    # A file torch will not load weights-only: the reason, not torch's advice to unpickle it anyway.
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="cannot be read as a weights-only torch checkpoint") as caught:
+        import_lightningdit_checkpoint(tmp_path / "garbage.pt", tmp_path / "out5")
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_importer_names_missing_unexpected_and_misshaped_keys(tmp_path):

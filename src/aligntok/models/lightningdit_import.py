@@ -138,8 +138,11 @@ def import_lightningdit_checkpoint(
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-tensor pickles and corrupt files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({first_line})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's weights-only refusal opens with advice to unpickle anyway; its reason follows a marker line
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+        reason = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else lines[0]
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({reason})") from None
     state_dict = _pick_state_dict(raw, str(path))
     # Of the config, only class_dropout_prob (the null label's row) matters to the inference.
     dropout = overrides.get("class_dropout_prob", LightningDiTConfig.class_dropout_prob)
