@@ -478,11 +478,16 @@ def test_rerunning_a_finished_run_with_other_settings_is_refused_and_keeps_its_r
         capsys.readouterr()
         assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, change]) == 2
         err = capsys.readouterr().err.strip()
-        assert "stage 1 is finished" in err and named in err and "delete" in err and "\n" not in err
+        assert "stage 1 is finished" in err and named in err and "\n" not in err
+        assert f"delete {run / 'stage1'}, {run / 'train' / 'stage1'} to train from stage 1 again" in err
         assert (run / "config.yaml").read_text() == recorded
     # settings that change how a stage runs, not what it computes, keep the finished stage
     assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, "stage1.train.log_every=3"]) == 0
-    # deleting the finished stage's output lets more steps extend it from its checkpoints
+    # the output alone deleted: its last checkpoint is not exported as another config's weights
     shutil.rmtree(run / "stage1")
+    capsys.readouterr()
+    assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, "loss.l1_weight=2.0"]) == 2
+    assert "finished at step 4 with other settings (loss.l1_weight: 1.0 -> 2.0)" in capsys.readouterr().err
+    # more steps, nothing else: the run extends from that checkpoint
     assert main(["train-tokenizer", str(TINY["vae"]), "--out", str(run), *FAST, "stage1.train.steps=9"]) == 0
     assert log_records(run)[-1]["step"] == 9

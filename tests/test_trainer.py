@@ -226,6 +226,10 @@ def test_fewer_steps_than_the_latest_checkpoint_is_refused_and_more_extend_the_r
         toy_trainer(tmp_path / "run", steps=4).fit()
     result = toy_trainer(tmp_path / "run", steps=7).fit()
     assert result.resumed_from == 6 and result.step == 7
+    # a finished run asked for other settings would train nothing with them: refused, naming them
+    with pytest.raises(ValueError, match=r"finished at step 7 with other settings \(ema_decay: 0.9 -> 0.5\)"):
+        toy_trainer(tmp_path / "run", steps=7, ema_decay=0.5).fit()
+    toy_trainer(tmp_path / "run", steps=7, log_every=2).fit()  # how it logs is no other setting
 
 
 def test_a_different_data_position_would_be_noticed(tmp_path):

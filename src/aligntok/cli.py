@@ -192,15 +192,16 @@ def _cache_latents(args: argparse.Namespace) -> None:
 
 
 def _train_from_config(args: argparse.Namespace, config_class: type, train: Callable) -> None:
-    """Load ``args.config`` with its overrides, keep the resolved config beside the run, train, name the model."""
+    """Load ``args.config`` with its overrides, train, keep the resolved config beside the run, name the model.
+    (The config is written once training accepted it: a refused run leaves the recorded one as it was; each
+    checkpoint holds its own copy meanwhile.)"""
     from aligntok.config import load_config, save_config
     from aligntok.training.distributed import destroy_distributed, is_main
 
     cfg = load_config(config_class, args.config, args.overrides)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, args.out / "config.yaml")
     path = train(cfg, args.out)
     if is_main():
+        save_config(cfg, args.out / "config.yaml")
         print(f"model: {path}")
     destroy_distributed()
 

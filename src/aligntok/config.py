@@ -119,6 +119,10 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
+#: the last part of config keys that change how a run goes, not what it computes
+RUN_ONLY_KEYS = frozenset({"num_workers", "log_every", "ckpt_every", "keep_last", "tensorboard", "wandb"})
+
+
 def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
     """``key: old -> new, ...`` for :func:`config_changes` output, the first ``limit`` of them."""
     text = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in list(changes.items())[:limit])

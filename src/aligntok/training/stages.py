@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from aligntok.config import (
+    RUN_ONLY_KEYS,
     ConfigError,
     DataConfig,
     OptimConfig,
@@ -404,14 +405,10 @@ def build_vf_loss(cfg: TokenizerTrainConfig, stage: Stage) -> VFLoss:
     return VFLoss(cfg.vf, foundation_encoder=encoder, latent_channels=cfg.model.latent_channels)
 
 
-#: the last part of keys that change how a stage runs, not what it computes
-_RUN_ONLY_KEYS = frozenset({"num_workers", "log_every", "ckpt_every", "keep_last", "tensorboard", "wandb"})
-
-
 def check_finished_stages(previous: TokenizerTrainConfig, cfg: TokenizerTrainConfig, run_dir: str | Path) -> None:
     """Raise a one-line ConfigError when a stage already finished in ``run_dir`` (so it would be skipped) was made
     with other settings than ``cfg`` gives it: its own stage's and the shared ones (model, data, losses), not a
-    later stage's, nor those in :data:`_RUN_ONLY_KEYS`. ``previous``: the config the run recorded."""
+    later stage's, nor :data:`aligntok.config.RUN_ONLY_KEYS`. ``previous``: the config the run recorded."""
     changes = config_changes(config_to_dict(previous), config_to_dict(cfg))
     for number in cfg.stages:
         out = stage_output_dir(Path(run_dir), number)
@@ -419,11 +416,13 @@ def check_finished_stages(previous: TokenizerTrainConfig, cfg: TokenizerTrainCon
             continue
         later = tuple(f"stage{m}." for m in cfg.stages if m > number)
         relevant = {k: v for k, v in changes.items()
-                    if not k.startswith(later) and k.rsplit(".", 1)[-1] not in _RUN_ONLY_KEYS}
+                    if not k.startswith(later) and k.rsplit(".", 1)[-1] not in RUN_ONLY_KEYS}
         if relevant:
+            redo = [n for n in cfg.stages if n >= number]
+            folders = ", ".join(str(p) for n in redo for p in (stage_output_dir(Path(run_dir), n), stage_train_dir(Path(run_dir), n)))
             raise ConfigError(
                 f"stage {number} is finished in {out} with other settings ({describe_changes(relevant)}); use a new "
-                f"--out, or delete {out} to redo it (its checkpoints resume: more steps extend it)"
+                f"--out, or delete {folders} to train from stage {number} again"
             )
 
 

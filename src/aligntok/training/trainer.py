@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from aligntok.config import (
+    RUN_ONLY_KEYS,
     ConfigError,
     OptimConfig,
     TrainConfig,
@@ -334,7 +335,29 @@ class Trainer:
             ckpt.seed_everything(self.train.seed + self.dist.rank)
             return None
         self.load_checkpoint(Path(latest))
+        self._check_resumed_settings(Path(latest))
         return self.step
+
+    def _check_resumed_settings(self, checkpoint: Path) -> None:
+        """Settings that differ from the checkpoint's (beyond the step count and how the run is logged): refused
+        when the checkpoint is the run's last, since nothing would train with them and its weights would be
+        exported as theirs; logged when training continues."""
+        import yaml
+
+        saved, current = checkpoint / ckpt.CONFIG_FILE, self._config_yaml()
+        if current is None or not saved.is_file():
+            return
+        changes = {k: v for k, v in config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(current)).items()
+                   if k.rsplit(".", 1)[-1] not in RUN_ONLY_KEYS | {"steps"}}
+        if not changes:
+            return
+        if self.step >= self.train.steps:
+            raise ValueError(
+                f"{self.out_dir} finished at step {self.step} with other settings ({describe_changes(changes)}); "
+                f"nothing would train with these: use a new run directory, or delete {self.out_dir} to train again"
+            )
+        log.warning("resuming %s at step %d with other settings than its checkpoint's: %s", self.out_dir, self.step,
+                    describe_changes(changes))
 
     # ------------------------------------------------------------------------------------------
     # The loop
