@@ -106,6 +106,14 @@ def test_reconstruct_writes_each_readable_image_once_and_names_the_unreadable(tm
     inputs = [np.asarray(Image.open(out / f"{i:05d}_input.png")) for i in range(3)]
     assert len({a.tobytes() for a in inputs}) == 3  # no image twice
     assert sorted(p.name for p in out.iterdir()) == [*(f"{i:05d}_{k}.png" for i in range(3) for k in ("input", "recon")), "notes.txt"]
+    # the same for WebDataset shards: at most what they hold
+    from aligntok.data import ShapesDataset, write_shards
+
+    source = ShapesDataset(5, 16, seed=1)
+    write_shards([source[i] for i in range(5)], str(tmp_path / "shards" / "%06d.tar"), 10)
+    args = ["reconstruct", str(tok), str(tmp_path / "shards" / "000000.tar"), "--num", "10", "--resolution", "16",
+            "--out", str(tmp_path / "from-shards")]
+    assert main(args) == 0 and len(list((tmp_path / "from-shards").iterdir())) == 10
 
 
 def test_reconstruct_of_a_missing_tokenizer_is_one_line(tmp_path, capsys):

@@ -174,6 +174,10 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
         assert main(["import-vavae", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+    torch.save({"state_dict": reference_checkpoint()}, tmp_path / "ok.pt")
+    for factor in ("0", "-1", "nan"):  # diffusers would multiply the latents by it
+        assert main(["import-vavae", str(tmp_path / "ok.pt"), "--out", str(tmp_path / "out"), "--scaling-factor", factor]) == 2
+        assert "--scaling-factor must be a positive number" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

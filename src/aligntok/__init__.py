@@ -13,7 +13,8 @@ Diffusion: :class:`LightningDiT` (+ :class:`LightningDiTConfig`; ``model(x, t, y
 Training the tokenizer: :class:`TokenizerTrainConfig` / :func:`train_tokenizer`.
 Data: :func:`build_dataset`, :func:`build_loader`, :func:`cache_latents`, :class:`LatentDataset`.
 Evaluation: :func:`evaluate_reconstruction`, :func:`evaluate_generation`, :func:`evaluate_tokenizer_probe`.
-diffusers: :class:`AlignTokClassPipeline` (a DiT + tokenizer as a ``DiffusionPipeline``).
+diffusers: :class:`AlignTokClassPipeline` (a DiT + tokenizer as a ``DiffusionPipeline``) and
+:class:`AlignTokT2IPipeline` (the text-to-image transformer + text encoders + tokenizer).
 The Hub: :func:`push_to_hub` (tokenizers and DiTs, with a model card).
 Configs and errors: :func:`load_config`, :class:`ConfigError`, :class:`TokenizerNotFoundError`.
 
@@ -56,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_tokenizer_probe": "aligntok.eval.commands",
     "evaluate_generation": "aligntok.eval.generation",
     "AlignTokClassPipeline": "aligntok.pipelines",
+    "AlignTokT2IPipeline": "aligntok.pipelines_t2i",
     "push_to_hub": "aligntok.publish",
     "load_config": "aligntok.config",
     "ConfigError": "aligntok.config",

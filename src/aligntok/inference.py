@@ -31,7 +31,8 @@ def reconstruct_to_pngs(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AlignTokTokenizer.from_pretrained(tokenizer).to(device)
     dataset = build_dataset(images, resolution)
-    if num is not None and not isinstance(dataset, ShardDataset) and num > len(dataset):
+    available = dataset.reader_epoch_length(0, 1) if isinstance(dataset, ShardDataset) else len(dataset)
+    if num is not None and num > available:
         num = None  # each image once, never repeated
     selection = select_images(dataset, num, rank=0, world_size=1)
     out = Path(out_dir)

@@ -25,6 +25,7 @@ def _process_umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_process_umask()  # what open() would give; mkstemp's files are private (0600)
+_DIR_MODE = 0o777 & ~_process_umask()  # what mkdir() would give; mkdtemp's directories are private (0700)
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -88,6 +89,11 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(staging)
+        # readable as anything else the user writes (mkdtemp and some writers make private files)
+        for folder, _, files in os.walk(staging):
+            os.chmod(folder, _DIR_MODE)
+            for name in files:
+                os.chmod(os.path.join(folder, name), _FILE_MODE)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)

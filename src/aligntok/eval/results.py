@@ -21,20 +21,22 @@ def default_output_path(source: str | os.PathLike, kind: str) -> Path:
     """``SOURCE.eval-KIND.json`` beside a local file or directory (e.g. ``runs/x/stage3.eval-recon.json``)."""
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"{source} does not exist here (a hub id has no folder to write beside): check the path, "
-                         "or pass --out FILE.json")
+        raise ValueError(f"{source} does not exist (for a hub id, name the result file with --out FILE.json)")
     name = path.stem if path.is_file() else path.resolve().name
     return path.resolve().parent / f"{name}.eval-{kind}.json"
 
 
 def output_path(out: str | os.PathLike | None, source: str | os.PathLike, kind: str) -> Path:
     """Where an evaluate command writes: ``out``, else :func:`default_output_path`; its folder is made and a file
-    written there and removed, so an unwritable output fails before the evaluation runs, not after it
-    (PermissionError / OSError, which the CLI reports in one line)."""
+    written there and removed, so an unwritable output fails before the evaluation runs, not after it (a
+    one-line ValueError)."""
     path = Path(out) if out is not None else default_output_path(source, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write the result to {path}: {e.strerror or e}") from None
     return path
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -147,6 +148,8 @@ def import_vavae_checkpoint(
 
     from aligntok.eval.provenance import sha256_file
 
+    if not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise ValueError(f"--scaling-factor must be a positive number, got {scaling_factor}")
     state = read_ldm_state_dict(checkpoint)
     config = diffusers_config_from_ldm(state)
     config["scaling_factor"] = float(scaling_factor)
