@@ -139,3 +139,10 @@ def test_sample_t2i_writes_the_geneval_layout(tmp_path):
     assert main([*common, str(flat), "--prompts", str(prompts)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00001" / "samples" / "0000.png")),
                                   np.asarray(Image.open(flat / "00002.png")))
+    # Sampling fewer into the same folders leaves none of the earlier samples for GenEval or evaluate t2i to read.
+    metadata.write_text(json.dumps(METADATA[0]) + "\n")
+    assert main([*common, str(out), "--geneval", str(metadata), "--samples-per-prompt", "1"]) == 0
+    assert [p for p in _tree(out) if p != "sampling.json"] == ["00000/grid.png", "00000/metadata.jsonl", "00000/samples/0000.png"]
+    prompts.write_text(METADATA[0]["prompt"] + "\n")
+    assert main([*common, str(flat), "--prompts", str(prompts)]) == 0
+    assert sorted(p.name for p in flat.glob("*.png")) == ["00000.png", "grid.png"]

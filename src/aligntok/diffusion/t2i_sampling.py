@@ -175,6 +175,27 @@ def render_grid(generator: T2IGenerator, prompts: Sequence[str], path: str | os.
     return Path(path)
 
 
+def _remove_stale_samples(out: Path, count: int, geneval: tuple[int, int] | None) -> None:
+    """Remove the samples an earlier call left in ``out`` that this one will not overwrite (files and prompt
+    folders named as this module names them), so that the folder, which GenEval and ``evaluate t2i`` read whole,
+    holds this call's samples only. ``geneval``: (prompts, samples per prompt) of the GenEval layout."""
+    from aligntok.eval.geneval import METADATA_FILE, SAMPLES_DIR
+
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if path.is_file() and path.suffix == ".png" and len(path.stem) == 5 and path.stem.isdigit():
+            if geneval is not None or int(path.stem) >= count:
+                path.unlink()
+        elif path.is_dir() and len(path.name) == 5 and path.name.isdigit() and (path / METADATA_FILE).is_file():
+            if geneval is None or int(path.name) >= geneval[0]:
+                shutil.rmtree(path)
+                continue
+            for sample in (path / SAMPLES_DIR).glob("*.png"):
+                if len(sample.stem) == 4 and sample.stem.isdigit() and int(sample.stem) >= geneval[1]:
+                    sample.unlink()
+
+
 def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, prompts: Sequence[str],
                out_dir: str | os.PathLike, config: T2ISampleConfig | None = None, *,
                geneval: Sequence[dict[str, Any]] | None = None, samples_per_prompt: int = 1) -> dict[str, Any]:
@@ -221,6 +242,7 @@ def sample_t2i(model_dir: str | os.PathLike, tokenizer: str | os.PathLike, promp
         "device": str(dist.device), "aligntok_version": __version__,
     }
     if images is not None:  # rank 0; every file atomic, so a kill leaves whole files and the parts to resume
+        _remove_stale_samples(out, len(images), (len(geneval), samples_per_prompt) if geneval is not None else None)
         if geneval is not None:
             from aligntok.eval.geneval import write_geneval_folder
 
