@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -106,9 +106,14 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     return cfg  # type: ignore[return-value]
 
 
-def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+#: the last part of config keys that change how a run goes, not what it computes
+RUN_ONLY_KEYS = frozenset({"num_workers", "log_every", "ckpt_every", "keep_last", "tensorboard", "wandb"})
+
+
+def config_changes(old: dict, new: dict, ignore: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs between two nested config dicts (e.g. :func:`config_to_dict`
-    output or a loaded config.yaml): ``{"model.latent_channels": (16, 8), ...}``, sorted by key."""
+    output or a loaded config.yaml): ``{"model.latent_channels": (16, 8), ...}``, sorted by key; keys whose last
+    part is in ``ignore`` (e.g. :data:`RUN_ONLY_KEYS`) are left out."""
 
     def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(tree, dict):
@@ -116,11 +121,8 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
         return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
     a, b = flat(old), flat(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
-
-
-#: the last part of config keys that change how a run goes, not what it computes
-RUN_ONLY_KEYS = frozenset({"num_workers", "log_every", "ckpt_every", "keep_last", "tensorboard", "wandb"})
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in ignore}
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:

@@ -409,14 +409,13 @@ def check_finished_stages(previous: TokenizerTrainConfig, cfg: TokenizerTrainCon
     """Raise a one-line ConfigError when a stage already finished in ``run_dir`` (so it would be skipped) was made
     with other settings than ``cfg`` gives it: its own stage's and the shared ones (model, data, losses), not a
     later stage's, nor :data:`aligntok.config.RUN_ONLY_KEYS`. ``previous``: the config the run recorded."""
-    changes = config_changes(config_to_dict(previous), config_to_dict(cfg))
+    changes = config_changes(config_to_dict(previous), config_to_dict(cfg), ignore=RUN_ONLY_KEYS)
     for number in cfg.stages:
         out = stage_output_dir(Path(run_dir), number)
         if not (out / "config.json").is_file():
             continue
         later = tuple(f"stage{m}." for m in cfg.stages if m > number)
-        relevant = {k: v for k, v in changes.items()
-                    if not k.startswith(later) and k.rsplit(".", 1)[-1] not in RUN_ONLY_KEYS}
+        relevant = {k: v for k, v in changes.items() if not k.startswith(later)}
         if relevant:
             redo = [n for n in cfg.stages if n >= number]
             folders = ", ".join(str(p) for n in redo for p in (stage_output_dir(Path(run_dir), n), stage_train_dir(Path(run_dir), n)))

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,7 @@ class Trainer:
                 file = ckpt.require_file(path / f"{prefix}_{name}.safetensors", f"{what} of module '{name}'")
                 problem = ckpt.describe_state_mismatch(ckpt.state_shapes(module), ckpt.tensor_shapes(file))
                 if problem:
-                    changed = _config_changes(path / ckpt.CONFIG_FILE, self._config_yaml()) or "none recorded"
+                    changed = describe_changes(self._changes_since(path)) or "none recorded"
                     raise ValueError(
                         f"cannot resume from {path}: module '{name}' has another shape than there ({problem}); "
                         f"config changes since: {changed}. Restore the model's settings or start a new run directory"
@@ -335,23 +335,32 @@ class Trainer:
             ckpt.seed_everything(self.train.seed + self.dist.rank)
             return None
         self.load_checkpoint(Path(latest))
-        self._check_resumed_settings(Path(latest))
+        self._check_resume(Path(latest))
         return self.step
 
-    def _check_resumed_settings(self, checkpoint: Path) -> None:
-        """Settings that differ from the checkpoint's (beyond the step count and how the run is logged): refused
-        when the checkpoint is the run's last, since nothing would train with them and its weights would be
-        exported as theirs; logged when training continues."""
+    def _changes_since(self, checkpoint: Path, ignore: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+        """This run's config against the one ``checkpoint`` recorded (:func:`aligntok.config.config_changes`);
+        empty when either is unknown."""
         import yaml
 
         saved, current = checkpoint / ckpt.CONFIG_FILE, self._config_yaml()
         if current is None or not saved.is_file():
-            return
-        changes = {k: v for k, v in config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(current)).items()
-                   if k.rsplit(".", 1)[-1] not in RUN_ONLY_KEYS | {"steps"}}
+            return {}
+        return config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(current), ignore=ignore)
+
+    def _check_resume(self, checkpoint: Path) -> None:
+        """Refuse fewer steps than the checkpoint's (the later weights would be exported under this config), and
+        other settings (beyond the step count and how the run is logged) when the checkpoint is the run's last:
+        nothing would train with them. Other settings while training continues are logged."""
+        if self.step > self.train.steps:
+            raise ValueError(
+                f"cannot train {self.out_dir} to train.steps={self.train.steps}: its latest checkpoint is at step "
+                f"{self.step}; use train.steps >= {self.step}, or a new run directory"
+            )
+        changes = self._changes_since(checkpoint, ignore=RUN_ONLY_KEYS | {"steps"})
         if not changes:
             return
-        if self.step >= self.train.steps:
+        if self.step == self.train.steps:
             raise ValueError(
                 f"{self.out_dir} finished at step {self.step} with other settings ({describe_changes(changes)}); "
                 f"nothing would train with these: use a new run directory, or delete {self.out_dir} to train again"
@@ -366,11 +375,6 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to ``train.steps``, resuming from ``out_dir``'s newest complete checkpoint if any."""
         resumed_from = self._restore()
-        if self.step > self.train.steps:  # it would stop there and export the later weights as this config's
-            raise ValueError(
-                f"cannot train {self.out_dir} to train.steps={self.train.steps}: its latest checkpoint is at step "
-                f"{self.step}; use train.steps >= {self.step}, or a new run directory"
-            )
         main = self.dist.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -636,16 +640,6 @@ class Trainer:
                     f"task.losses()['{name}'] does not require grad: no trained parameter produced it"
                 )
         return names
-
-
-def _config_changes(saved: Path, current_yaml: str | None) -> str:
-    """``key: old -> new`` for every config value that differs between a checkpoint's config.yaml and the
-    current run's ('' when either is unknown)."""
-    import yaml
-
-    if current_yaml is None or not saved.is_file():
-        return ""
-    return describe_changes(config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(current_yaml)))
 
 
 def _scalar(value: Tensor | float, key: str, device: torch.device) -> Tensor:
